@@ -1,0 +1,274 @@
+"""What runs inside the ``process`` backend's child.
+
+Kept apart from the parent's side and light on imports: under ``spawn`` and ``forkserver``
+this module is the child's entry point and everything it imports is paid for per test.
+
+The child runs the body, then sends one :class:`Outcome` back through a pipe: how the body
+ended, pytest's own rendering of the failure (made here, where the frames and their locals
+still exist), the exception itself when it pickles, the warnings the body raised, and, under
+``--capture=sys``, what it printed. The parent turns that into the item's report.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import inspect
+import os
+import pickle
+import sys
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+
+from pytest_concur._backends.base import check_result
+
+
+@dataclasses.dataclass
+class Job:
+    """What the child needs to run one body."""
+
+    function: Callable[..., Any]
+    kwargs: dict[str, Any]
+    nodeid: str
+    tbstyle: str
+    showlocals: bool
+    fulltrace: bool
+    verbosity: int
+    # Only for start methods that do not inherit the parent's memory (spawn, forkserver).
+    warning_filters: list[Any] | None = None
+
+
+@dataclasses.dataclass
+class Bootstrap:
+    """How a fresh interpreter is made to see the modules the parent's pytest imported."""
+
+    sys_path: list[str]
+    cwd: str
+    # Module name -> (file, whether pytest rewrote its asserts), for the test and conftest
+    # modules pytest imported itself, which the child cannot find by a plain import.
+    modules: dict[str, tuple[str, bool]]
+    stdout_path: str | None
+    stderr_path: str | None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How the body ended, in a form that crosses the pipe."""
+
+    passed: bool
+    exception: bytes | None = None  # the pickled exception, when it pickles
+    type_name: str = ""
+    message: str = ""
+    longrepr: Any = None  # pytest's rendering of the failure, or a skip's (path, line, reason)
+    warnings: list[tuple[str, bytes | None, str, int]] = dataclasses.field(default_factory=list)
+    stdout: str = ""  # only what a ``--capture=sys`` parent could not see through the fd
+    stderr: str = ""
+
+
+def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap | None) -> None:
+    """The child's entry point: run the job and send back its :class:`Outcome`."""
+    if boot is not None:
+        _bootstrap(boot)
+    if isinstance(job, bytes):
+        job = pickle.loads(job)
+    assert isinstance(job, Job)
+    marks = (_mark(sys.stdout), _mark(sys.stderr))
+    with warnings.catch_warnings(record=True) as caught:
+        if job.warning_filters is not None:
+            warnings.filters[:] = job.warning_filters  # type: ignore[index]
+        try:
+            _run(job)
+        except BaseException as exc:
+            outcome = _failure(exc, job, item)
+        else:
+            outcome = Outcome(passed=True)
+    outcome.warnings = [_warning(w) for w in caught]
+    outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
+    conn.send_bytes(_dumps(outcome))
+    conn.close()
+
+
+def _run(job: Job) -> None:
+    if inspect.iscoroutinefunction(job.function):
+        from pytest_concur._loop import LoopRunner
+
+        runner = LoopRunner()
+        try:
+            runner.run(job.function(**job.kwargs))
+        finally:
+            runner.close()
+    else:
+        check_result(job.nodeid, job.function(**job.kwargs))
+
+
+def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
+    excinfo = pytest.ExceptionInfo.from_exception(exc)
+    longrepr: Any
+    if isinstance(exc, pytest.skip.Exception):
+        visible = excinfo.traceback.filter(excinfo) or excinfo.traceback
+        entry = visible[-1]
+        longrepr = (str(entry.path), entry.lineno + 1, excinfo.exconly(tryshort=True))
+    elif item is not None:
+        longrepr = item.repr_failure(excinfo)
+    else:
+        longrepr = _repr_failure(excinfo, job)
+    try:
+        pickle.dumps(longrepr)
+    except Exception:
+        longrepr = str(longrepr)
+    exception: bytes | None
+    try:
+        exception = pickle.dumps(exc)
+        pickle.loads(exception)  # a pickle that cannot be loaded back is no better than none
+    except Exception:
+        exception = None
+    return Outcome(
+        passed=False,
+        exception=exception,
+        type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
+        message=str(exc),
+        longrepr=longrepr,
+    )
+
+
+def _repr_failure(excinfo: pytest.ExceptionInfo[BaseException], job: Job) -> Any:
+    """pytest's own failure rendering for a test function, without the item (spawn)."""
+    if isinstance(excinfo.value, pytest.fail.Exception) and not excinfo.value.pytrace:
+        return str(excinfo.value)
+    style = "long" if job.tbstyle in ("auto", "long") or job.fulltrace else job.tbstyle
+    code = job.function.__code__ if hasattr(job.function, "__code__") else None
+
+    def cut(info: pytest.ExceptionInfo[BaseException]) -> Any:
+        traceback = info.traceback
+        if code is not None:
+            cut = traceback.cut(path=code.co_filename, firstlineno=code.co_firstlineno - 1)
+            traceback = cut if cut != traceback else traceback.cut(path=code.co_filename)
+        traceback = traceback.filter(info)
+        if job.tbstyle == "auto" and len(traceback) > 2:
+            traceback = type(traceback)(
+                [
+                    traceback[0],
+                    *(e.with_repr_style("short") for e in traceback[1:-1]),
+                    traceback[-1],
+                ]
+            )
+        return traceback
+
+    return excinfo.getrepr(
+        funcargs=True,
+        showlocals=job.showlocals,
+        style=style,  # type: ignore[arg-type]
+        tbfilter=False if job.fulltrace else cut,
+        truncate_locals=job.verbosity <= 1,
+        truncate_args=job.verbosity <= 2,
+    )
+
+
+def _warning(w: warnings.WarningMessage) -> tuple[str, bytes | None, str, int]:
+    try:
+        category: bytes | None = pickle.dumps(w.category)
+    except Exception:
+        category = None
+    return (str(w.message), category, w.filename, w.lineno)
+
+
+def _mark(stream: Any) -> int:
+    getvalue = getattr(stream, "getvalue", None)
+    return len(getvalue()) if callable(getvalue) else -1
+
+
+def _since(stream: Any, mark: int) -> str:
+    if mark < 0:
+        return ""
+    try:
+        stream.flush()
+        return str(stream.getvalue()[mark:])
+    except Exception:
+        return ""
+
+
+def _dumps(outcome: Outcome) -> bytes:
+    try:
+        return pickle.dumps(outcome)
+    except Exception as exc:
+        # Keep the verdict even if some part of it does not pickle.
+        return pickle.dumps(
+            dataclasses.replace(
+                outcome,
+                exception=None,
+                longrepr=None if outcome.longrepr is None else str(outcome.longrepr),
+                message=outcome.message or f"(could not send the outcome: {exc!r})",
+            )
+        )
+
+
+# --- start methods without the parent's memory ------------------------------------------
+
+
+def _bootstrap(boot: Bootstrap) -> None:
+    sys.path[:] = boot.sys_path
+    with contextlib.suppress(OSError):
+        os.chdir(boot.cwd)
+    for fd, path in ((1, boot.stdout_path), (2, boot.stderr_path)):
+        if path is not None:
+            target = os.open(path, os.O_WRONLY | os.O_APPEND)
+            os.dup2(target, fd)
+            os.close(target)
+    sys.meta_path.insert(0, _ParentModules(boot.modules))
+
+
+class _ParentModules(importlib.abc.MetaPathFinder):
+    """Finds the modules the parent's pytest imported by path, asserts rewritten as there."""
+
+    def __init__(self, modules: dict[str, tuple[str, bool]]) -> None:
+        self._modules = modules
+
+    def find_spec(
+        self,
+        fullname: str,
+        path: Sequence[str] | None,
+        target: types.ModuleType | None = None,
+    ) -> importlib.machinery.ModuleSpec | None:
+        entry = self._modules.get(fullname)
+        if entry is None:
+            return None
+        filename, rewrite = entry
+        is_package = os.path.basename(filename) == "__init__.py"
+        return importlib.util.spec_from_file_location(
+            fullname,
+            filename,
+            loader=_SourceLoader(fullname, filename, rewrite),
+            submodule_search_locations=[os.path.dirname(filename)] if is_package else None,
+        )
+
+
+class _SourceLoader(importlib.machinery.SourceFileLoader):
+    def __init__(self, fullname: str, path: str, rewrite: bool) -> None:
+        super().__init__(fullname, path)
+        self._rewrite = rewrite
+
+    def get_code(self, fullname: str) -> types.CodeType:
+        # Always from source: a cached .pyc here would be an import without rewriting.
+        path = self.get_filename(fullname)
+        source = self.get_data(path)
+        if self._rewrite:
+            try:
+                import ast
+
+                from _pytest.assertion.rewrite import rewrite_asserts
+
+                tree = ast.parse(source, filename=path)
+                rewrite_asserts(tree, source, path, None)
+                return compile(tree, path, "exec", dont_inherit=True)
+            except Exception:
+                # pytest's rewriter is not public API; without it asserts still work, with
+                # plain messages.
+                pass
+        return compile(source, path, "exec", dont_inherit=True)

@@ -1,0 +1,35 @@
+"""The ``asyncio`` backend: the body runs as a task on a fresh event loop.
+
+An ``async def`` body is awaited by that task. A plain ``def`` body is called from inside
+the task, as a coroutine would call it, so code that looks for a running loop takes its
+async-context path. The loop is the item's own (see ``pytest_concur._loop``): the same one
+its function-scoped async fixtures ran on, closed after the item's teardown.
+"""
+
+from __future__ import annotations
+
+from typing import final
+
+import pytest
+
+from pytest_concur._backends.base import BodyCall
+
+
+@final
+class AsyncioBackend:
+    """Run each test body as a task on the item's own event loop, in the main thread."""
+
+    name = "asyncio"
+    description = "the test body runs as a task on a fresh asyncio event loop"
+
+    def start(self, item: pytest.Item) -> _AsyncioRunner:
+        return _AsyncioRunner()
+
+
+@final
+class _AsyncioRunner:
+    def run(self, call: BodyCall) -> None:
+        call.run_coroutine(call.call_async())
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,304 @@
+"""The ``process`` backend: the body runs in a child process; its outcome comes back.
+
+Only the test call runs in the child. Fixtures are set up and torn down in the pytest
+process as usual, once, and their values are handed to the child: under ``fork`` (the
+default on Linux) the child simply has them, as it has the whole test process; under
+``spawn`` and ``forkserver`` they are pickled, and one that cannot be is an error naming the
+fixture. The child renders a failure with pytest's own machinery, where the frames are, and
+sends the rendering back (see ``_child``).
+
+No child outlives its test: whatever ends the wait (the body finished, a crash, a timeout
+raised by pytest-timeout, ^C), the child is sent SIGTERM, given a grace period so coverage
+and ``finally`` blocks can finish, then SIGKILL, and reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import signal
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, final
+
+import pytest
+
+from pytest_concur._backends import _child
+from pytest_concur._backends.base import BodyCall
+
+if TYPE_CHECKING:
+    from multiprocessing.process import BaseProcess
+
+START_METHODS = ("fork", "forkserver", "spawn")
+START_METHOD_OPTION = "--concur-start-method"
+START_METHOD_INI = "concur_start_method"
+# How long a child gets between SIGTERM and SIGKILL.
+TERMINATE_GRACE = 2.0
+
+
+def default_start_method() -> str:
+    """``fork`` where it is safe and available (Linux and other non-macOS POSIX), else ``spawn``."""
+    if sys.platform == "darwin" or not hasattr(os, "fork"):
+        return "spawn"
+    return "fork"
+
+
+def start_method(config: pytest.Config) -> str:
+    """The start method chosen by option, ini or default; a usage error if unknown."""
+    value = config.getoption("concur_start_method") or config.getini(START_METHOD_INI)
+    method = str(value or default_start_method())
+    if method not in START_METHODS:
+        raise pytest.UsageError(
+            f"unknown start method {method!r} for the process backend "
+            f"({START_METHOD_OPTION} / {START_METHOD_INI}); choose one of: "
+            f"{', '.join(START_METHODS)}."
+        )
+    return method
+
+
+class ChildFailure(Exception):
+    """Stands in for an exception raised in the child that could not be sent back as is."""
+
+
+@final
+class ProcessBackend:
+    """Run each test body in a child process started with the configured start method."""
+
+    name = "process"
+    description = "the test body runs in a child process (start method: --concur-start-method)"
+
+    def __init__(self, config: pytest.Config) -> None:
+        # Checked here, at session start, so a bad value is a usage error up front.
+        self.start_method = start_method(config)
+
+    def start(self, item: pytest.Item) -> _ProcessRunner:
+        return _ProcessRunner(item, self.start_method)
+
+
+@final
+class _ProcessRunner:
+    def __init__(self, item: pytest.Item, method: str) -> None:
+        self._item = item
+        self._method = method
+        self._process: BaseProcess | None = None
+
+    def run(self, call: BodyCall) -> None:
+        import multiprocessing
+        import multiprocessing.connection
+
+        config = self._item.config
+        job = _child.Job(
+            function=call.function,
+            kwargs=dict(call.kwargs),
+            nodeid=self._item.nodeid,
+            tbstyle=str(config.getoption("tbstyle", "auto")),
+            showlocals=bool(config.getoption("showlocals", False)),
+            fulltrace=bool(config.getoption("fulltrace", False)),
+            verbosity=config.get_verbosity(),
+        )
+        ctx: Any = multiprocessing.get_context(self._method)
+        reader, writer = ctx.Pipe(duplex=False)
+        with tempfile.TemporaryDirectory(prefix="concur-") as tmp:
+            if self._method == "fork":
+                # The child has the parent's memory: nothing needs pickling on the way in,
+                # and it has the item, so failures render exactly as in a plain run.
+                args: tuple[Any, ...] = (job, writer, self._item, None)
+                streams: tuple[Path, Path] | None = None
+            else:
+                streams = (Path(tmp, "stdout"), Path(tmp, "stderr"))
+                for path in streams:
+                    path.touch()
+                capture = config.getoption("capture", "fd") != "no"
+                boot = _child.Bootstrap(
+                    sys_path=list(sys.path),
+                    cwd=os.getcwd(),
+                    modules=_pytest_imported_modules(config),
+                    stdout_path=str(streams[0]) if capture else None,
+                    stderr_path=str(streams[1]) if capture else None,
+                )
+                job.warning_filters = _picklable_filters()
+                args = (_pickle_job(job, call, self._method), writer, None, boot)
+            process = ctx.Process(
+                target=_child.main, args=args, name=f"concur-{self._item.name}", daemon=False
+            )
+            self._process = process
+            with warnings.catch_warnings():
+                # Python 3.12+ warns when forking a process that has threads. That warning
+                # is about *this* process's threads, which the test itself started; let it
+                # through unless it would be an error, and then say what to do instead.
+                try:
+                    process.start()
+                except DeprecationWarning as exc:
+                    pytest.fail(
+                        f"the process backend could not fork: {exc}\n"
+                        "The test process has other threads running, which makes fork unsafe. "
+                        f"Use another start method ({START_METHOD_OPTION}=forkserver or spawn), "
+                        "or stop those threads before this test.",
+                        pytrace=False,
+                    )
+            writer.close()
+            try:
+                outcome = _receive(process, reader, multiprocessing.connection.wait)
+            finally:
+                reader.close()
+                _stop(process)
+                if streams is not None:
+                    _forward(streams[0].read_text(errors="replace"), sys.stdout)
+                    _forward(streams[1].read_text(errors="replace"), sys.stderr)
+        if outcome is None:
+            pytest.fail(_crash_message(process, self._item.nodeid), pytrace=False)
+        _replay(outcome)
+        if not outcome.passed:
+            _raise(outcome, self._item)
+
+    def close(self) -> None:
+        if self._process is not None:
+            _stop(self._process)
+            self._process = None
+
+
+def _receive(
+    process: BaseProcess, reader: Any, wait: Callable[..., list[Any]]
+) -> _child.Outcome | None:
+    """Wait for the child's outcome; ``None`` if it ended without sending one."""
+    while True:
+        ready = wait([reader, process.sentinel])
+        if reader in ready:
+            try:
+                data = reader.recv_bytes()
+            except EOFError:
+                return None
+            outcome = pickle.loads(data)
+            assert isinstance(outcome, _child.Outcome)
+            return outcome
+        if process.sentinel in ready and not reader.poll():
+            return None
+
+
+def _stop(process: BaseProcess) -> None:
+    """End the child however it is doing: SIGTERM, a grace period, SIGKILL; then reap it."""
+    if process.is_alive():
+        process.terminate()
+        process.join(TERMINATE_GRACE)
+        if process.is_alive():
+            process.kill()
+    process.join()
+
+
+def _crash_message(process: BaseProcess, nodeid: str) -> str:
+    code = process.exitcode
+    if code is not None and code < 0:
+        try:
+            how = f"was killed by signal {signal.Signals(-code).name} ({-code})"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    else:
+        how = f"exited with code {code}"
+    return (
+        f"the child process (pid {process.pid}) running {nodeid} {how} before it reported "
+        "an outcome: the body crashed the interpreter, called os._exit(), or was killed. "
+        "Its output so far is in the captured sections below."
+    )
+
+
+def _replay(outcome: _child.Outcome) -> None:
+    """Give the child's warnings and sys-captured output to this process's pytest."""
+    _forward(outcome.stdout, sys.stdout)
+    _forward(outcome.stderr, sys.stderr)
+    for message, category_bytes, filename, lineno in outcome.warnings:
+        category: type[Warning] = UserWarning
+        if category_bytes is not None:
+            with contextlib.suppress(Exception):
+                category = pickle.loads(category_bytes)
+        try:
+            warning = category(message)
+        except Exception:
+            warning = UserWarning(f"{category.__name__}: {message}")
+        warnings.warn_explicit(warning, type(warning), filename, lineno)
+
+
+def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
+    exc: BaseException | None = None
+    if outcome.exception is not None:
+        try:
+            exc = pickle.loads(outcome.exception)
+        except Exception:
+            exc = None
+    if not isinstance(exc, BaseException):
+        exc = ChildFailure(f"{outcome.type_name}: {outcome.message}")
+    from pytest_concur._report import attach_longrepr
+
+    attach_longrepr(item, exc, outcome.longrepr)
+    raise exc
+
+
+def _forward(text: str, stream: Any) -> None:
+    if text:
+        stream.write(text)
+        stream.flush()
+
+
+def _pickle_job(job: _child.Job, call: BodyCall, method: str) -> bytes:
+    """Pickle the job for a fresh interpreter, naming the first value that cannot go."""
+    params = getattr(call.item, "callspec", None)
+    param_names = set(params.params) if params is not None else set()
+    for name, value in job.kwargs.items():
+        try:
+            pickle.dumps(value)
+        except Exception as exc:
+            kind = "parameter" if name in param_names else "fixture"
+            pytest.fail(
+                f"{kind} {name!r} of {call.item.nodeid} cannot be sent to the child process "
+                f"(start method {method}): pickling {_short_repr(value)} failed with "
+                f"{type(exc).__name__}: {exc}.\n"
+                f"Fix: make the {kind} value picklable, use {START_METHOD_OPTION}=fork so the "
+                "child inherits it, or run this test under other backends, e.g. "
+                '@pytest.mark.backend("thread", "asyncio").',
+                pytrace=False,
+            )
+    try:
+        return pickle.dumps(job)
+    except Exception as exc:
+        pytest.fail(
+            f"the test function of {call.item.nodeid} cannot be sent to the child process "
+            f"(start method {method}): {type(exc).__name__}: {exc}.\n"
+            "Under spawn and forkserver the child imports the test by module and name, so it "
+            f"must be defined at module or class level. Use {START_METHOD_OPTION}=fork, "
+            "or move the test function to module level.",
+            pytrace=False,
+        )
+
+
+def _short_repr(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _picklable_filters() -> list[Any]:
+    kept = []
+    for entry in warnings.filters:
+        try:
+            pickle.dumps(entry)
+        except Exception:
+            continue
+        kept.append(entry)
+    return kept
+
+
+def _pytest_imported_modules(config: pytest.Config) -> dict[str, tuple[str, bool]]:
+    """Test and conftest modules the child must load by path, asserts rewritten as here."""
+    root = str(config.rootpath)
+    found: dict[str, tuple[str, bool]] = {}
+    for name, module in list(sys.modules.items()):
+        filename = getattr(module, "__file__", None)
+        if not filename or not filename.endswith(".py"):
+            continue
+        loader = getattr(getattr(module, "__spec__", None), "loader", None)
+        rewritten = type(loader).__name__ == "AssertionRewritingHook"
+        if rewritten or (filename.startswith(root) and "site-packages" not in filename):
+            found[name] = (filename, rewritten)
+    return found

@@ -1,0 +1,100 @@
+"""Async fixtures of tests that run under a backend.
+
+pytest itself refuses ``async def`` fixtures. For an item that runs under a pytest-concur
+backend we run them: function-scoped ones on the item's own event loop (the loop its async
+body will run on, under every backend but ``process``, whose child has a loop of its own),
+wider-scoped ones each on a loop of their own that lives until the fixture is torn down.
+
+We do it the way pytest's public hooks allow: around ``pytest_fixture_setup`` the fixture's
+function is swapped for a synchronous one that drives the coroutine or async generator, and
+restored right after. Async fixtures of other items are left to whichever plugin claims
+them (pytest-asyncio, anyio), exactly as without pytest-concur.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Generator, Iterator
+from typing import Any
+
+import pytest
+
+from pytest_concur._loop import LoopRunner, item_loop
+
+CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
+# Items that run under a backend, stashed with their backend's name.
+BACKEND_NAME = pytest.StashKey[str]()
+
+
+def is_async_fixture(func: object) -> bool:
+    return inspect.iscoroutinefunction(func) or inspect.isasyncgenfunction(func)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_fixture_setup(
+    fixturedef: pytest.FixtureDef[Any], request: pytest.FixtureRequest
+) -> Generator[None, Any, Any]:
+    func = fixturedef.func
+    item = request.config.stash.get(CURRENT_ITEM, None)
+    if not is_async_fixture(func) or item is None or BACKEND_NAME not in item.stash:
+        return (yield)
+    target = _bind(func, request)
+    if fixturedef.scope == "function":
+        runner = item_loop(item)
+        driver = _drive(target, runner, own_loop=False)
+    else:
+        driver = _drive(target, LoopRunner(), own_loop=True)
+    fixturedef.func = driver  # type: ignore[misc]
+    try:
+        return (yield)
+    finally:
+        fixturedef.func = func  # type: ignore[misc]
+
+
+def _bind(func: Callable[..., Any], request: pytest.FixtureRequest) -> Callable[..., Any]:
+    """Bind a fixture defined in a test class to the test's instance, as pytest does."""
+    instance = request.instance
+    bound_to = getattr(func, "__self__", None)
+    if instance is not None and bound_to is not None and isinstance(instance, type(bound_to)):
+        return func.__func__.__get__(instance)  # type: ignore[attr-defined, no-any-return]
+    return func
+
+
+def _drive(func: Callable[..., Any], runner: LoopRunner, *, own_loop: bool) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(func):
+
+        @functools.wraps(func)
+        def asyncgen_fixture(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            agen = func(*args, **kwargs)
+            try:
+                yield runner.run(agen.__anext__())
+                try:
+                    runner.run(agen.__anext__())
+                except StopAsyncIteration:
+                    pass
+                else:
+                    runner.run(agen.aclose())
+                    pytest.fail(
+                        f"async fixture {func.__name__!r} yielded more than once; "
+                        "a fixture yields exactly one value.",
+                        pytrace=False,
+                    )
+            finally:
+                if own_loop:
+                    runner.close()
+
+        # pytest must see a generator function to run the teardown half.
+        del asyncgen_fixture.__wrapped__
+        return asyncgen_fixture
+
+    @functools.wraps(func)
+    def coroutine_fixture(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return runner.run(func(*args, **kwargs))
+        finally:
+            if own_loop:
+                runner.close()
+
+    del coroutine_fixture.__wrapped__
+    return coroutine_fixture

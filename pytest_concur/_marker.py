@@ -1,0 +1,157 @@
+"""Which backends a test runs under: the ``backend`` marker, the option and the ini key.
+
+Resolution, in one place (:func:`select`): the closest ``@pytest.mark.backend(...)`` on the
+test (function, then class, then module ``pytestmark``) wins; otherwise
+``--concur-backends``; otherwise the ``concur_backends`` ini key; otherwise the test is left
+alone. The option and the ini key never take a test that another async plugin runs
+(pytest-asyncio, anyio, pytest-trio): those stay theirs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import re
+from collections.abc import Iterable
+from typing import NoReturn, final
+
+import pytest
+
+from pytest_concur._registry import BackendRegistry
+
+MARKER = "backend"
+OPTION = "--concur-backends"
+INI = "concur_backends"
+
+# Markers by which other plugins claim an async test, and what to call them in messages.
+_OTHER_RUNNERS = {"asyncio": "pytest-asyncio", "anyio": "anyio", "trio": "pytest-trio"}
+
+_DEFAULT = pytest.StashKey["Selection | None"]()
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """The backends one test runs under and where that choice came from."""
+
+    names: tuple[str, ...]
+    origin: str
+
+    @property
+    def explicit(self) -> bool:
+        """Whether the test asked for these backends itself, with the marker."""
+        return self.origin.startswith("@")
+
+
+def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
+    """The backend names a ``backend(...)`` marker asks for; ``pytest.fail`` if malformed."""
+    if mark.kwargs:
+        unknown = ", ".join(sorted(mark.kwargs))
+        _fail(
+            f"@pytest.mark.backend() got unexpected keyword argument(s): {unknown}. "
+            "It takes backend names only, as strings: "
+            '@pytest.mark.backend("thread", "process", "asyncio").'
+        )
+    names: list[str] = []
+    for arg in mark.args:
+        if isinstance(arg, str):
+            names.append(arg)
+        elif isinstance(arg, (list, tuple)) and all(isinstance(a, str) for a in arg):
+            names.extend(arg)
+        else:
+            _fail(
+                f"@pytest.mark.backend() takes backend names as strings, got {arg!r} "
+                f"({type(arg).__name__}): write "
+                '@pytest.mark.backend("thread", "process", "asyncio").'
+            )
+    if not names:
+        _fail(
+            "@pytest.mark.backend() needs at least one backend name, for example "
+            '@pytest.mark.backend("thread", "asyncio").'
+        )
+    return _dedupe(names)
+
+
+def parse_list(value: str) -> tuple[str, ...]:
+    """Backend names from the option or ini: separated by commas and/or white space."""
+    return _dedupe(part for part in re.split(r"[\s,]+", value) if part)
+
+
+def default_selection(config: pytest.Config) -> Selection | None:
+    """What ``--concur-backends`` or the ``concur_backends`` ini key asks for, if anything."""
+    if _DEFAULT not in config.stash:
+        option: str | None = config.getoption("concur_backends")
+        if option is not None:
+            names = parse_list(option)
+            if not names:
+                raise pytest.UsageError(
+                    f"{OPTION} was given an empty list; name one or more backends, "
+                    f"e.g. {OPTION}=thread,process,asyncio (or leave the option out)."
+                )
+            config.stash[_DEFAULT] = Selection(names, OPTION)
+        else:
+            names = parse_list(str(config.getini(INI) or ""))
+            config.stash[_DEFAULT] = Selection(names, f"{INI} (ini)") if names else None
+    return config.stash[_DEFAULT]
+
+
+def check(selection: Selection, registry: BackendRegistry) -> str | None:
+    """A message naming the first unknown backend of ``selection``, or ``None``."""
+    for name in selection.names:
+        if name not in registry:
+            close = difflib.get_close_matches(name, list(registry), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            return (
+                f"unknown backend {name!r} in {selection.origin}.{hint} "
+                f"Available backends: {registry.describe()}."
+            )
+    return None
+
+
+def claimed_by(function: pytest.Function) -> str | None:
+    """The other plugin that runs this async test, if one does."""
+    if not inspect.iscoroutinefunction(function.obj):
+        return None
+    for marker, plugin in _OTHER_RUNNERS.items():
+        if function.get_closest_marker(marker) is not None:
+            return f"{plugin} (its @pytest.mark.{marker})"
+    config = function.config
+    if config.pluginmanager.hasplugin("asyncio") and config.getini("asyncio_mode") == "auto":
+        return "pytest-asyncio (asyncio_mode = auto)"
+    return None
+
+
+def select(function: pytest.Function, registry: BackendRegistry) -> Selection | None:
+    """The backends ``function`` runs under, or ``None`` to leave it alone.
+
+    ``pytest.fail`` (a collection error of the module) on a malformed marker, an unknown
+    backend, or a test that both this plugin and another async plugin were asked to run.
+    """
+    mark = function.get_closest_marker(MARKER)
+    if mark is not None:
+        selection = Selection(parse_marker(mark), "@pytest.mark.backend")
+        other = claimed_by(function)
+        if other is not None:
+            _fail(
+                f"{function.name} is marked for pytest-concur with @pytest.mark.backend and "
+                f"for {other}; only one plugin can run an async test. Remove one of the two."
+            )
+    else:
+        default = default_selection(function.config)
+        if default is None or claimed_by(function) is not None:
+            return None
+        selection = default
+    problem = check(selection, registry)
+    if problem is not None:
+        _fail(f"In {function.name}: {problem}")
+    return selection
+
+
+def _dedupe(names: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(names))
+
+
+def _fail(message: str) -> NoReturn:
+    __tracebackhide__ = True
+    pytest.fail(message, pytrace=False)

@@ -1,0 +1,208 @@
+"""The ``pytest11`` entry point of pytest-concur: options, markers and the wiring of hooks.
+
+This module stays cheap to import: what runs a body under a backend (threads,
+multiprocessing, asyncio) is imported when the first test needs it, not by
+``pytest --version``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Generator
+from typing import Any
+
+import pytest
+
+from pytest_concur import _fixtures, _marker, _registry
+from pytest_concur._fixtures import BACKEND_NAME, CURRENT_ITEM
+
+FIXTURE = "concur_backend"
+_RUNNER = pytest.StashKey[Any]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from pytest_concur import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("concur", "concurrency testing (pytest-concur)")
+    group.addoption(
+        _marker.OPTION,
+        dest="concur_backends",
+        metavar="NAMES",
+        default=None,
+        help="Run every test that has no @pytest.mark.backend of its own under each of these "
+        "backends, e.g. thread,process,asyncio. Overrides the concur_backends ini key.",
+    )
+    group.addoption(
+        "--concur-start-method",
+        dest="concur_start_method",
+        choices=("fork", "forkserver", "spawn"),
+        default=None,
+        help="How the process backend starts its child (default: fork on Linux, else spawn).",
+    )
+    parser.addini(
+        _marker.INI,
+        "Backends for every test without a backend marker (names separated by commas or "
+        "spaces); empty leaves such tests alone.",
+        default="",
+    )
+    parser.addini(
+        "concur_start_method",
+        "Start method of the process backend: fork, forkserver or spawn.",
+        default="",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "backend(*names): run this test once under each named pytest-concur backend, "
+        "as separate items test[name] (built in: thread, process, asyncio).",
+    )
+    from pytest_concur import _backends
+
+    config.pluginmanager.register(_backends, "concur-builtin-backends")
+    config.pluginmanager.register(_fixtures, "concur-async-fixtures")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    config = session.config
+    registry = _registry.collect(config)
+    config.stash[_registry.REGISTRY] = registry
+    for name, backend in registry.items():
+        config.addinivalue_line(
+            "markers",
+            f"concur_{name}: set on items that run under the {name!r} backend "
+            f"({backend.description}); select them with -m concur_{name}.",
+        )
+    default = _marker.default_selection(config)
+    if default is not None:
+        problem = _marker.check(default, registry)
+        if problem is not None:
+            raise pytest.UsageError(f"pytest-concur: {problem}")
+
+
+@pytest.fixture(autouse=True)
+def concur_backend() -> str | None:
+    """The name of the backend this test runs under, or ``None`` outside pytest-concur."""
+    # Items that run under a backend get this fixture parametrized with the name, so this
+    # body only runs for the others.
+    return None
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    registry = metafunc.config.stash.get(_registry.REGISTRY, None)
+    if registry is None:  # pragma: no cover - collection without a session
+        return
+    selection = _marker.select(metafunc.definition, registry)
+    if selection is None:
+        return
+    if FIXTURE not in metafunc.fixturenames:
+        pytest.fail(
+            f"{metafunc.definition.name} asks for backends but does not use pytest-concur's "
+            f"autouse {FIXTURE!r} fixture: a conftest.py overrides it without autouse=True.",
+            pytrace=False,
+        )
+    metafunc.parametrize(
+        FIXTURE,
+        [
+            pytest.param(name, id=name, marks=getattr(pytest.mark, f"concur_{name}"))
+            for name in selection.names
+        ],
+        scope="function",
+    )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
+    config = item.config
+    config.stash[CURRENT_ITEM] = item
+    try:
+        return (yield)
+    finally:
+        config.stash[CURRENT_ITEM] = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    name = _backend_name(item)
+    if name is not None:
+        item.stash[BACKEND_NAME] = name
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    name = pyfuncitem.stash.get(BACKEND_NAME, None)
+    if name is None:
+        return None
+    from pytest_concur._backends.base import BodyCall
+    from pytest_concur._loop import item_loop
+
+    backend = pyfuncitem.config.stash[_registry.REGISTRY][name]
+    call = BodyCall(
+        item=pyfuncitem,
+        function=pyfuncitem.obj,
+        kwargs=_body_kwargs(pyfuncitem),
+        run_coroutine=item_loop(pyfuncitem).run,
+    )
+    runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
+    runner.run(call)
+    return True
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if call.when == "call" and BACKEND_NAME in item.stash:
+        from pytest_concur._report import apply_longrepr
+
+        apply_longrepr(item, call, report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        yield
+    finally:
+        if BACKEND_NAME in item.stash:
+            _close(item)
+
+
+def _close(item: pytest.Item) -> None:
+    from pytest_concur._loop import close_item_loop
+
+    runner = item.stash.get(_RUNNER, None)
+    try:
+        if runner is not None:
+            del item.stash[_RUNNER]
+            runner.close()
+    finally:
+        close_item_loop(item)
+
+
+def _backend_name(item: pytest.Item) -> str | None:
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    name = callspec.params.get(FIXTURE)
+    return name if isinstance(name, str) else None
+
+
+def _body_kwargs(item: pytest.Function) -> dict[str, Any]:
+    """The fixture values and parameters the test function itself takes."""
+    funcargs = item.funcargs
+    try:
+        parameters = inspect.signature(item.obj).parameters.values()
+    except (TypeError, ValueError):  # pragma: no cover - builtins and the like
+        return {}
+    return {
+        p.name: funcargs[p.name]
+        for p in parameters
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name in funcargs
+    }

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+BACKENDS = ("thread", "process", "asyncio")
+
+
+@pytest.fixture(params=BACKENDS)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Each built-in backend in turn, for tests that hold for all of them."""
+    return str(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _isolate_inner_runs(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep pytest-asyncio out of pytester's inner runs unless a test asks for it.
+
+    It is installed for the interplay tests, and in every other inner run it would only
+    add its configuration nag.
+    """
+    if "pytester" in request.fixturenames:
+        request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS when it starts
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:asyncio")

@@ -1,0 +1,381 @@
+"""The backend marker, the option and the ini key: which items get collected."""
+
+from __future__ import annotations
+
+import pytest
+
+
+def test_marker_makes_one_item_per_backend(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        def test_x(concur_backend):
+            assert concur_backend in ("thread", "process", "asyncio")
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_x[[]thread[]] PASSED*",
+            "*::test_x[[]process[]] PASSED*",
+            "*::test_x[[]asyncio[]] PASSED*",
+        ]
+    )
+
+
+def test_marker_on_class_module_and_closest_wins(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        pytestmark = pytest.mark.backend("asyncio")
+
+        def test_module_level(concur_backend):
+            assert concur_backend == "asyncio"
+
+        @pytest.mark.backend("thread")
+        class TestClass:
+            def test_method(self, concur_backend):
+                assert concur_backend == "thread"
+
+            @pytest.mark.backend("process")
+            def test_override(self, concur_backend):
+                assert concur_backend == "process"
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*::test_module_level[[]asyncio[]] PASSED*",
+            "*::TestClass::test_method[[]thread[]] PASSED*",
+            "*::TestClass::test_override[[]process[]] PASSED*",
+        ]
+    )
+
+
+def test_combines_with_parametrize_and_fixtures_of_every_scope(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        calls = []
+
+        @pytest.fixture(scope="session")
+        def session_value():
+            calls.append("session")
+            return "s"
+
+        @pytest.fixture(scope="module")
+        def module_value():
+            calls.append("module")
+            return "m"
+
+        @pytest.fixture(scope="class")
+        def class_value():
+            return "c"
+
+        @pytest.fixture
+        def function_value(tmp_path):
+            return tmp_path
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        @pytest.mark.parametrize("n", [1, 2])
+        def test_x(n, session_value, module_value, class_value, function_value, concur_backend):
+            assert (session_value, module_value, class_value) == ("s", "m", "c")
+            assert function_value.is_dir()
+
+        def test_fixtures_set_up_once():
+            # Higher-scoped fixtures are not set up again per backend or in the child.
+            assert calls == ["session", "module"]
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=7)
+    result.stdout.fnmatch_lines(["*test_x[[]thread-1[]] PASSED*", "*test_x[[]asyncio-2[]] PASSED*"])
+
+
+def test_items_keep_declaration_order_within_a_function(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("asyncio", "thread")
+        def test_a(): pass
+
+        def test_b(): pass
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.stdout.fnmatch_lines(
+        ["*test_a[[]asyncio[]] PASSED*", "*test_a[[]thread[]] PASSED*", "*test_b PASSED*"]
+    )
+
+
+def test_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_x():
+            pass
+        """
+    )
+    pytester.runpytest("--strict-markers").assert_outcomes(passed=1)
+    result = pytester.runpytest("--markers")
+    result.stdout.fnmatch_lines(["@pytest.mark.backend(*names):*"])
+
+
+def test_select_backend_by_keyword_and_by_marker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest("-v", "-k", "thread")
+    result.assert_outcomes(passed=1, deselected=2)
+    result.stdout.fnmatch_lines(["*test_x[[]thread[]] PASSED*"])
+    result = pytester.runpytest("-v", "--strict-markers", "-m", "concur_process or concur_asyncio")
+    result.assert_outcomes(passed=2, deselected=1)
+
+
+def test_concur_backend_fixture_is_none_outside_backends(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        def test_plain(concur_backend):
+            assert concur_backend is None
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_option_parametrizes_tests_without_a_marker(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_plain():
+            pass
+
+        async def test_async():
+            pass
+
+        @pytest.mark.backend("thread")
+        def test_own_marker_wins(concur_backend):
+            assert concur_backend == "thread"
+        """
+    )
+    result = pytester.runpytest("-v", "--concur-backends=thread,asyncio")
+    result.assert_outcomes(passed=5)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_plain[[]thread[]] PASSED*",
+            "*test_plain[[]asyncio[]] PASSED*",
+            "*test_async[[]thread[]] PASSED*",
+            "*test_async[[]asyncio[]] PASSED*",
+            "*test_own_marker_wins[[]thread[]] PASSED*",
+        ]
+    )
+
+
+def test_ini_parametrizes_and_option_overrides_it(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nconcur_backends = thread process\n")
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_plain[[]thread[]]*", "*test_plain[[]process[]]*"])
+    result = pytester.runpytest("-v", "--concur-backends", "asyncio")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*test_plain[[]asyncio[]]*"])
+
+
+def test_option_leaves_anyio_tests_to_anyio(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("anyio")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        async def test_owned_by_anyio(concur_backend):
+            assert concur_backend is None
+
+        def test_sync():
+            pass
+        """
+    )
+    result = pytester.runpytest("-v", "--concur-backends=thread")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["*test_owned_by_anyio[[]asyncio[]] PASSED*", "*test_sync[[]thread[]] PASSED*"]
+    )
+
+
+@pytest.mark.parametrize("mode", ["strict", "auto"])
+def test_option_leaves_pytest_asyncio_tests_to_pytest_asyncio(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    pytest.importorskip("pytest_asyncio")
+    monkeypatch.delenv("PYTEST_ADDOPTS")
+    pytester.makeini(
+        f"[pytest]\nasyncio_mode = {mode}\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_marked(concur_backend):
+            assert concur_backend is None
+
+        async def test_unmarked(concur_backend):
+            pass
+        """
+    )
+    result = pytester.runpytest("-v", "--concur-backends=thread")
+    result.assert_outcomes(passed=2)
+    # In auto mode pytest-asyncio claims every async test; in strict mode only marked ones.
+    unmarked = "test_unmarked PASSED" if mode == "auto" else "test_unmarked[[]thread[]] PASSED"
+    result.stdout.fnmatch_lines(["*test_marked PASSED*", f"*{unmarked}*"])
+
+
+def test_marker_and_another_async_plugin_on_one_test_is_an_error(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("anyio")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.anyio
+        @pytest.mark.backend("asyncio")
+        async def test_both():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(
+        ["*test_both is marked for pytest-concur*and for anyio*only one plugin can run*"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        pytest.param(
+            '"treads"',
+            "*In test_x: unknown backend 'treads' in @pytest.mark.backend. Did you mean 'thread'?"
+            " Available backends: asyncio, process, thread.",
+            id="unknown-name",
+        ),
+        pytest.param(
+            "3",
+            "*@pytest.mark.backend() takes backend names as strings, got 3 (int)*",
+            id="not-a-string",
+        ),
+        pytest.param(
+            '"thread", workers="x"',
+            "*@pytest.mark.backend() got unexpected keyword argument(s): workers.*",
+            id="unknown-keyword",
+        ),
+        pytest.param(
+            "",
+            "*@pytest.mark.backend() needs at least one backend name*",
+            id="empty",
+        ),
+    ],
+)
+def test_bad_marker_is_a_collection_error_of_its_module_only(
+    pytester: pytest.Pytester, marker: str, message: str
+) -> None:
+    pytester.makepyfile(
+        test_bad=f"""
+        import pytest
+
+        @pytest.mark.backend({marker})
+        def test_x():
+            pass
+        """,
+        test_good="def test_fine(): pass",
+    )
+    result = pytester.runpytest("--continue-on-collection-errors")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR collecting test_bad.py*", message])
+    # Without the flag, pytest stops after collection as it does for its own errors.
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    result.stdout.fnmatch_lines(["*Interrupted: 1 error during collection*"])
+
+
+@pytest.mark.parametrize(
+    ("args", "ini", "message"),
+    [
+        pytest.param(
+            ["--concur-backends=thread,proces"],
+            "",
+            "ERROR: pytest-concur: unknown backend 'proces' in --concur-backends. "
+            "Did you mean 'process'? Available backends: asyncio, process, thread.",
+            id="option",
+        ),
+        pytest.param(
+            [],
+            "concur_backends = greenlet",
+            "ERROR: pytest-concur: unknown backend 'greenlet' in concur_backends (ini).*",
+            id="ini",
+        ),
+        pytest.param(
+            ["--concur-backends="],
+            "",
+            "ERROR: --concur-backends was given an empty list; name one or more backends*",
+            id="empty-option",
+        ),
+    ],
+)
+def test_bad_option_or_ini_is_a_usage_error(
+    pytester: pytest.Pytester, args: list[str], ini: str, message: str
+) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest(*args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+
+
+def test_bad_start_method_is_a_usage_error(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nconcur_start_method = vfork\n")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        ["ERROR: unknown start method 'vfork' for the process backend*fork, forkserver, spawn."]
+    )
+
+
+def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nmarkers = backend: registered by hand\n")
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest("-v", "-p", "no:concur")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*::test_x PASSED*"])
