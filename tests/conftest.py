@@ -22,4 +22,4 @@ def _isolate_inner_runs(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     """
     if "pytester" in request.fixturenames:
         request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS when it starts
-        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:asyncio")
+        monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:asyncio -W default")

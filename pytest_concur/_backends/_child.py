@@ -23,7 +23,7 @@ import sys
 import types
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
@@ -67,6 +67,9 @@ class Outcome:
     type_name: str = ""
     message: str = ""
     longrepr: Any = None  # pytest's rendering of the failure, or a skip's (path, line, reason)
+    # pytest's outcome exceptions do not pickle (their __module__ says "builtins"), so they
+    # travel as (which, message, pytrace, returncode) and are raised anew on the other side.
+    pytest_outcome: tuple[str, str, bool, int | None] | None = None
     warnings: list[tuple[str, bytes | None, str, int]] = dataclasses.field(default_factory=list)
     stdout: str = ""  # only what a ``--capture=sys`` parent could not see through the fd
     stderr: str = ""
@@ -123,19 +126,44 @@ def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
         pickle.dumps(longrepr)
     except Exception:
         longrepr = str(longrepr)
-    exception: bytes | None
-    try:
-        exception = pickle.dumps(exc)
-        pickle.loads(exception)  # a pickle that cannot be loaded back is no better than none
-    except Exception:
-        exception = None
+    exception: bytes | None = None
+    pytest_outcome = _pytest_outcome(exc)
+    if pytest_outcome is None:
+        try:
+            exception = pickle.dumps(exc)
+            pickle.loads(exception)  # a pickle that cannot be loaded back is no better than none
+        except Exception:
+            exception = None
     return Outcome(
         passed=False,
         exception=exception,
+        pytest_outcome=pytest_outcome,
         type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",
         message=str(exc),
         longrepr=longrepr,
     )
+
+
+_OUTCOMES = {"skip": pytest.skip, "xfail": pytest.xfail, "fail": pytest.fail, "exit": pytest.exit}
+
+
+def _pytest_outcome(exc: BaseException) -> tuple[str, str, bool, int | None] | None:
+    for which, function in _OUTCOMES.items():
+        if type(exc) is function.Exception:
+            return (which, exc.msg or "", exc.pytrace, getattr(exc, "returncode", None))
+    return None
+
+
+def raise_pytest_outcome(which: str, msg: str, pytrace: bool, returncode: int | None) -> NoReturn:
+    """Raise anew, in this process, an outcome exception the child raised."""
+    __tracebackhide__ = True
+    if which == "exit":
+        pytest.exit(msg, returncode)
+    if which == "fail":
+        pytest.fail(msg, pytrace=pytrace)
+    if which == "xfail":
+        pytest.xfail(msg)
+    pytest.skip(msg)
 
 
 def _repr_failure(excinfo: pytest.ExceptionInfo[BaseException], job: Job) -> Any:

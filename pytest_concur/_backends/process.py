@@ -222,7 +222,15 @@ def _replay(outcome: _child.Outcome) -> None:
 
 
 def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
+    from pytest_concur._report import attach_longrepr
+
     exc: BaseException | None = None
+    if outcome.pytest_outcome is not None:
+        try:
+            _child.raise_pytest_outcome(*outcome.pytest_outcome)
+        except BaseException as raised:
+            attach_longrepr(item, raised, outcome.longrepr)
+            raise
     if outcome.exception is not None:
         try:
             exc = pickle.loads(outcome.exception)
@@ -230,8 +238,6 @@ def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
             exc = None
     if not isinstance(exc, BaseException):
         exc = ChildFailure(f"{outcome.type_name}: {outcome.message}")
-    from pytest_concur._report import attach_longrepr
-
     attach_longrepr(item, exc, outcome.longrepr)
     raise exc
 
