@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from typing import NamedTuple
 
 import pytest
-
 from ratelimit import ManualClock, TokenBucket
 
 

@@ -1,0 +1,304 @@
+"""The process backend: children that crash, hang, or get values they cannot take."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only for now")
+
+
+def test_os_exit_is_reported_with_its_code(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_exits():
+            print("about to leave")
+            os._exit(3)
+
+        def test_next():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the child process (pid *) running *test_exits[[]process[]] exited with code 3 "
+            "before it reported an outcome*",
+            "*Captured stdout call*",
+            "about to leave",
+        ]
+    )
+
+
+@pytest.mark.parametrize(("signame", "number"), [("SIGKILL", 9), ("SIGSEGV", 11)])
+def test_death_by_signal_is_reported_by_name(
+    pytester: pytest.Pytester, signame: str, number: int
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import os, signal
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_dies():
+            os.kill(os.getpid(), signal.{signame})
+
+        def test_next():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:faulthandler")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines([f"*was killed by signal {signame} ({number}) before it reported*"])
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_unpicklable_fixture_is_named_with_the_fix(pytester: pytest.Pytester, method: str) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        @pytest.fixture
+        def guard():
+            return threading.Lock()
+
+        @pytest.mark.backend("process")
+        def test_uses_lock(guard):
+            pass
+
+        @pytest.mark.backend("process")
+        @pytest.mark.parametrize("value", [lambda: 1])
+        def test_uses_lambda(value):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess(f"--concur-start-method={method}")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            f"*fixture 'guard' of *test_uses_lock[[]process[]] cannot be sent to the child process "
+            f"(start method {method}): pickling <unlocked _thread.lock object at *> failed with "
+            "TypeError: cannot pickle '_thread.lock' object.",
+            "Fix: make the fixture value picklable, use --concur-start-method=fork so the child "
+            "inherits it, or run this test under other backends*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*parameter 'value' of *test_uses_lambda*cannot be sent*"])
+
+
+def test_fork_needs_no_pickling(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        @pytest.fixture
+        def guard():
+            return threading.Lock()
+
+        @pytest.mark.backend("process")
+        def test_uses_lock(guard):
+            with guard:
+                pass
+        """
+    )
+    pytester.runpytest_subprocess("--concur-start-method=fork").assert_outcomes(passed=1)
+
+
+def test_spawn_child_imports_test_and_conftest_modules(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        """
+        import pytest
+
+        class Settings:
+            def __init__(self, name):
+                self.name = name
+
+        @pytest.fixture
+        def settings():
+            return Settings("from conftest")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import os
+        import pytest
+
+        @pytest.fixture
+        def parent_pid():
+            return os.getpid()
+
+        class TestInClass:
+            @pytest.mark.backend("process")
+            def test_method(self, settings, parent_pid):
+                assert settings.name == "from conftest"
+                assert os.getpid() != parent_pid
+
+        @pytest.mark.backend("process")
+        async def test_async(settings):
+            assert settings.name == "from conftest"
+        """
+    )
+    result = pytester.runpytest_subprocess("--concur-start-method=spawn")
+    result.assert_outcomes(passed=2)
+
+
+def test_exception_that_does_not_pickle_still_fails_with_its_traceback(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        class Unsendable(Exception):
+            def __init__(self):
+                super().__init__("carries a lock")
+                self.lock = threading.Lock()
+
+        @pytest.mark.backend("process")
+        def test_raises():
+            raise Unsendable()
+        """
+    )
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*def test_raises():", ">       raise Unsendable()", "E       *Unsendable: carries a lock"]
+    )
+
+
+def test_timeout_ends_the_child_and_the_session_goes_on(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, time
+        import pytest
+
+        @pytest.mark.backend("process")
+        @pytest.mark.timeout(0.5, method="signal")
+        def test_hangs(tmp_path):
+            (tmp_path / "pid").write_text(str(os.getpid()))
+            time.sleep(60)
+
+        def test_child_is_gone(tmp_path_factory):
+            base = tmp_path_factory.getbasetemp()
+            pid = int(next(base.glob("test_hangs*/pid")).read_text())
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        """
+    )
+    result = pytester.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*Failed: Timeout (>0.5s) from pytest-timeout.*"])
+
+
+def test_child_ignoring_sigterm_is_killed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import os, signal, time
+        import pytest
+
+        @pytest.mark.backend("process")
+        @pytest.mark.timeout(0.5, method="signal")
+        def test_stubborn():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            time.sleep(60)
+        """
+    )
+    result = pytester.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(failed=1)
+    assert result.duration < 30
+
+
+def test_fork_with_threads_under_warnings_as_errors_names_the_fix(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        stop = threading.Event()
+
+        @pytest.fixture(scope="module")
+        def server():
+            t = threading.Thread(target=stop.wait)
+            t.start()
+            yield
+            stop.set()
+            t.join()
+
+        @pytest.mark.backend("process")
+        def test_x(server):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-W", "error::DeprecationWarning")
+    import sys
+
+    if sys.version_info < (3, 12):
+        result.assert_outcomes(passed=1)
+        return
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*the process backend could not fork: *multi-threaded*",
+            "*Use another start method (--concur-start-method=forkserver or spawn)*",
+        ]
+    )
+
+
+def test_plugin_itself_never_makes_fork_warn(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread", "asyncio", "process")
+        @pytest.mark.parametrize("n", range(3))
+        async def test_x(n):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-W", "error")
+    result.assert_outcomes(passed=9)
+
+
+def test_body_can_use_multiprocessing_itself(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import multiprocessing
+        import pytest
+
+        def square(x):
+            return x * x
+
+        @pytest.mark.backend("process")
+        def test_pool():
+            with multiprocessing.get_context("spawn").Pool(2) as pool:
+                assert pool.map(square, [1, 2, 3]) == [1, 4, 9]
+        """
+    )
+    pytester.runpytest_subprocess(timeout=120).assert_outcomes(passed=1)
+
+
+def test_capture_sys_output_comes_back(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_prints():
+            print("seen through sys capture")
+            assert False
+        """
+    )
+    result = pytester.runpytest_subprocess("--capture=sys")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*Captured stdout call*", "seen through sys capture"])
