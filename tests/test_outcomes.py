@@ -117,7 +117,6 @@ def test_failure_under_a_fresh_interpreter_reads_as_in_a_plain_run(
     assert failure_sections(fresh) == expected
 
 
-
 def test_skip_xfail_and_fail_outcomes(pytester: pytest.Pytester, backend_name: str) -> None:
     pytester.makepyfile(
         f"""
@@ -154,7 +153,7 @@ def test_skip_xfail_and_fail_outcomes(pytester: pytest.Pytester, backend_name: s
     result.assert_outcomes(skipped=1, xfailed=2, failed=4)
     result.stdout.fnmatch_lines_random(
         [
-            f"SKIPPED [[]1[]] test_skip_xfail_and_fail_outcomes.py:6: not today",
+            "SKIPPED [[]1[]] test_skip_xfail_and_fail_outcomes.py:6: not today",
             f"XFAIL test_skip_xfail_and_fail_outcomes.py::test_xfail_call[[]{backend_name}[]] - known bug",
             f"FAILED *::test_xfail_other_exception_fails[[]{backend_name}[]]*",
             f"FAILED *::test_xpass_strict[[]{backend_name}[]]*",

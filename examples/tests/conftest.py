@@ -9,9 +9,10 @@ that copy stays in the child.
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import NamedTuple
 
 import pytest
@@ -72,8 +73,22 @@ def clock() -> ManualClock:
 
 @pytest.fixture
 def bucket(clock: ManualClock) -> TokenBucket:
-    """A full bucket of 5 tokens refilled at 10 per second of the manual ``clock``."""
-    return TokenBucket(rate=10, capacity=5, clock=clock)
+    """A full bucket of 5 tokens refilled at 4 per second of the manual ``clock``."""
+    return TokenBucket(rate=4, capacity=5, clock=clock)
+
+
+@pytest.fixture
+def switch_often() -> Iterator[None]:
+    """Make the interpreter switch threads every microsecond instead of every 5 ms.
+
+    Threads then interleave in many more places, so a missing lock shows up as a failure
+    instead of needing luck. Set here, in the pytest process, it holds in the test body
+    under every backend: the "process" backend's child inherits it when it is forked.
+    """
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
 
 
 @pytest.fixture

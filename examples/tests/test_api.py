@@ -32,16 +32,16 @@ def test_blocking_acquire_refuses_to_freeze_an_event_loop(bucket, concur_backend
 async def test_timeout_fails_fast_and_takes_nothing(bucket, clock):
     assert bucket.try_acquire(5)
     with pytest.raises(TimeoutError):
-        await bucket.acquire_async(timeout=0.05)  # the next token is 0.1 s away
+        await bucket.acquire_async(timeout=0.05)  # the next token is 0.25 s away
     assert bucket.available == 0
 
-    clock.advance(0.1)
+    clock.advance(0.25)
     await bucket.acquire_async(timeout=0)
     assert bucket.available == 0
 
 
 @pytest.mark.backend("thread", "process", "asyncio")
-@pytest.mark.parametrize(("advance", "expected"), [(0.05, 2.5), (0.2, 4.0), (60.0, 5.0)])
+@pytest.mark.parametrize(("advance", "expected"), [(0.125, 2.5), (0.5, 4.0), (60.0, 5.0)])
 def test_refill_is_capped_at_capacity(bucket, clock, advance, expected):
     assert bucket.try_acquire(3)
     clock.advance(advance)

@@ -141,10 +141,15 @@ class _ProcessRunner:
                         pytrace=False,
                     )
             writer.close()
+            outcome = None
             try:
                 outcome = _receive(process, reader, multiprocessing.connection.wait)
             finally:
                 reader.close()
+                if outcome is not None:
+                    # It is on its way out: let it finish, so coverage and atexit-like
+                    # cleanups in the child (multiprocessing's own) get to save their work.
+                    process.join(TERMINATE_GRACE)
                 _stop(process)
                 if streams is not None:
                     _forward(streams[0].read_text(errors="replace"), sys.stdout)
