@@ -48,7 +48,8 @@ def test_junit_xml_carries_the_failure(pytester: pytest.Pytester) -> None:
     assert failure is not None
     assert "assert 2 != 2" in (failure.text or "")
     skipped = cases["test_skip[process]"].find("skipped")
-    assert skipped is not None and "skipped in the child" in (skipped.get("message") or "")
+    assert skipped is not None
+    assert "skipped in the child" in (skipped.get("message") or "")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("coverage") is None, reason="needs coverage")

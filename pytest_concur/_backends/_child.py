@@ -144,13 +144,20 @@ def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
     )
 
 
-_OUTCOMES = {"skip": pytest.skip, "xfail": pytest.xfail, "fail": pytest.fail, "exit": pytest.exit}
+_OUTCOMES: dict[str, type[BaseException]] = {
+    "skip": pytest.skip.Exception,
+    "xfail": pytest.xfail.Exception,
+    "fail": pytest.fail.Exception,
+    "exit": pytest.exit.Exception,
+}
 
 
 def _pytest_outcome(exc: BaseException) -> tuple[str, str, bool, int | None] | None:
-    for which, function in _OUTCOMES.items():
-        if type(exc) is function.Exception:
-            return (which, exc.msg or "", exc.pytrace, getattr(exc, "returncode", None))
+    for which, kind in _OUTCOMES.items():
+        if type(exc) is kind:
+            msg = getattr(exc, "msg", None) or ""
+            pytrace = bool(getattr(exc, "pytrace", True))
+            return (which, msg, pytrace, getattr(exc, "returncode", None))
     return None
 
 
