@@ -39,9 +39,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--concur-start-method",
         dest="concur_start_method",
-        choices=("fork", "forkserver", "spawn"),
+        choices=("auto", "fork", "forkserver", "spawn"),
         default=None,
-        help="How the process backend starts its child (default: fork on Linux, else spawn).",
+        help="How the process backend starts its child. auto (the default): fork while the "
+        "test process runs a single thread, else forkserver (spawn on macOS).",
     )
     parser.addini(
         _marker.INI,
@@ -51,7 +52,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini(
         "concur_start_method",
-        "Start method of the process backend: fork, forkserver or spawn.",
+        "Start method of the process backend: auto (default), fork, forkserver or spawn.",
         default="",
     )
 

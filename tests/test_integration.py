@@ -30,9 +30,10 @@ def test_skip():
 @pytest.mark.skipif(importlib.util.find_spec("xdist") is None, reason="needs pytest-xdist")
 def test_xdist_gives_the_same_outcomes_as_a_serial_run(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(SUITE)
-    serial = pytester.runpytest_subprocess()
+    # -W error: forking in an xdist worker (which runs execnet's I/O thread) must not warn.
+    serial = pytester.runpytest_subprocess("-W", "error::DeprecationWarning")
     serial.assert_outcomes(passed=9, failed=3, skipped=1)
-    parallel = pytester.runpytest_subprocess("-n", "2")
+    parallel = pytester.runpytest_subprocess("-n", "2", "-W", "error::DeprecationWarning")
     parallel.assert_outcomes(passed=9, failed=3, skipped=1)
     parallel.stdout.fnmatch_lines(["*assert 2 != 2*"])
 

@@ -13,7 +13,9 @@ def test_body_runs_where_the_backend_says(pytester: pytest.Pytester, backend_nam
         import asyncio, os, threading
         import pytest
 
-        PARENT = os.getpid()
+        @pytest.fixture
+        def parent_pid():
+            return os.getpid()
 
         def running_loop():
             try:
@@ -22,9 +24,9 @@ def test_body_runs_where_the_backend_says(pytester: pytest.Pytester, backend_nam
                 return None
 
         @pytest.mark.backend("{backend_name}")
-        def test_where():
+        def test_where(parent_pid):
             in_main = threading.current_thread() is threading.main_thread()
-            in_parent = os.getpid() == PARENT
+            in_parent = os.getpid() == parent_pid
             where = {{
                 "thread": (False, True, False),
                 "process": (True, False, False),
@@ -73,9 +75,12 @@ def test_failure_reads_exactly_as_in_a_plain_run(
     pytester: pytest.Pytester, backend_name: str, tb: str, extra: list[str]
 ) -> None:
     pytester.makepyfile(FAILING)
-    plain = pytester.runpytest(f"--tb={tb}", *extra)
+    # A fresh process, single-threaded, so the process backend forks (the outer run may be
+    # an xdist worker, whose extra thread would make it choose forkserver).
+    run = pytester.runpytest_subprocess if backend_name == "process" else pytester.runpytest
+    plain = run(f"--tb={tb}", *extra)
     plain.assert_outcomes(failed=2)
-    under_backend = pytester.runpytest(f"--tb={tb}", *extra, f"--concur-backends={backend_name}")
+    under_backend = run(f"--tb={tb}", *extra, f"--concur-backends={backend_name}")
     under_backend.assert_outcomes(failed=2)
     if tb != "line":
         assert failure_sections(under_backend) == failure_sections(plain)

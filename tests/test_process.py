@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -81,6 +82,7 @@ def test_unpicklable_fixture_is_named_with_the_fix(pytester: pytest.Pytester, me
     )
     result = pytester.runpytest_subprocess(f"--concur-start-method={method}")
     result.assert_outcomes(failed=2)
+    assert "During handling of the above exception" not in result.stdout.str()
     result.stdout.fnmatch_lines(
         [
             f"*fixture 'guard' of *test_uses_lock[[]process[]] cannot be sent to the child process "
@@ -217,32 +219,38 @@ def test_child_ignoring_sigterm_is_killed(pytester: pytest.Pytester) -> None:
     assert result.duration < 30
 
 
-def test_fork_with_threads_under_warnings_as_errors_names_the_fix(
+THREADED_FIXTURE = """
+import threading
+import pytest
+
+stop = threading.Event()
+
+@pytest.fixture(scope="module")
+def server():
+    t = threading.Thread(target=stop.wait, name="server-thread")
+    t.start()
+    yield
+    stop.set()
+    t.join()
+"""
+
+
+def test_forced_fork_with_threads_under_warnings_as_errors_names_the_fix(
     pytester: pytest.Pytester,
 ) -> None:
+    pytester.makeconftest(THREADED_FIXTURE)
     pytester.makepyfile(
         """
-        import threading
         import pytest
-
-        stop = threading.Event()
-
-        @pytest.fixture(scope="module")
-        def server():
-            t = threading.Thread(target=stop.wait)
-            t.start()
-            yield
-            stop.set()
-            t.join()
 
         @pytest.mark.backend("process")
         def test_x(server):
             pass
         """
     )
-    result = pytester.runpytest_subprocess("-W", "error::DeprecationWarning")
-    import sys
-
+    result = pytester.runpytest_subprocess(
+        "--concur-start-method=fork", "-W", "error::DeprecationWarning"
+    )
     if sys.version_info < (3, 12):
         result.assert_outcomes(passed=1)
         return
@@ -251,6 +259,48 @@ def test_fork_with_threads_under_warnings_as_errors_names_the_fix(
         [
             "*the process backend could not fork: *multi-threaded*",
             "*Use another start method (--concur-start-method=forkserver or spawn)*",
+        ]
+    )
+
+
+def test_auto_does_not_fork_a_threaded_process(pytester: pytest.Pytester) -> None:
+    pytester.makeconftest(
+        THREADED_FIXTURE
+        + """
+@pytest.fixture
+def lock():
+    return threading.Lock()
+"""
+    )
+    pytester.makepyfile(
+        test_a="""
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_picklable(server):
+            pass
+
+        @pytest.mark.backend("process")
+        def test_unpicklable(server, lock):
+            pass
+        """,
+        # The module-scoped server thread is gone by now: auto forks again.
+        test_b="""
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_alone_forks(lock):
+            pass
+        """,
+    )
+    result = pytester.runpytest_subprocess("-W", "error", "-p", "no:randomly")
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*fixture 'lock' of *test_unpicklable[[]process[]] cannot be sent to the child "
+            "process (start method forkserver (the test process runs 2 threads "
+            "(server-thread), which makes fork unsafe, so the child was started with "
+            "forkserver)): pickling <unlocked _thread.lock object at *",
         ]
     )
 

@@ -20,6 +20,8 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -33,24 +35,17 @@ from pytest_concur._backends.base import BodyCall
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
-START_METHODS = ("fork", "forkserver", "spawn")
+START_METHODS = ("auto", "fork", "forkserver", "spawn")
 START_METHOD_OPTION = "--concur-start-method"
 START_METHOD_INI = "concur_start_method"
 # How long a child gets between SIGTERM and SIGKILL.
 TERMINATE_GRACE = 2.0
 
 
-def default_start_method() -> str:
-    """``fork`` where it is safe and available (Linux and other non-macOS POSIX), else ``spawn``."""
-    if sys.platform == "darwin" or not hasattr(os, "fork"):
-        return "spawn"
-    return "fork"
-
-
 def start_method(config: pytest.Config) -> str:
-    """The start method chosen by option, ini or default; a usage error if unknown."""
+    """The start method chosen by option or ini (``auto`` by default); a usage error if unknown."""
     value = config.getoption("concur_start_method") or config.getini(START_METHOD_INI)
-    method = str(value or default_start_method())
+    method = str(value or "auto")
     if method not in START_METHODS:
         raise pytest.UsageError(
             f"unknown start method {method!r} for the process backend "
@@ -58,6 +53,53 @@ def start_method(config: pytest.Config) -> str:
             f"{', '.join(START_METHODS)}."
         )
     return method
+
+
+def foreign_threads() -> int:
+    """Threads the OS sees in this process that Python's threading module does not know."""
+    return max(_os_thread_count() - threading.active_count(), 0)
+
+
+def resolve_auto(harness_threads: int) -> tuple[str, str]:
+    """What ``auto`` means right now, and why.
+
+    ``fork`` gives the child the test process as it is: nothing to pickle, failures
+    rendered exactly as in a plain run. It is only safe while no other thread can hold a lock
+    the child needs (Python 3.12+ warns about forking with threads). So: ``fork`` when this is
+    the only thread, or when the only others are the test harness's own, already running at
+    session start and unknown to Python's threading module (pytest-xdist's execnet I/O
+    thread); ``forkserver`` otherwise; ``spawn`` where there is no safe fork at all.
+    """
+    if sys.platform == "darwin" or not hasattr(os, "fork"):
+        return "spawn", "fork is not available or not safe on this platform"
+    threads = _os_thread_count()
+    if threading.active_count() == 1:
+        # A thread that was just joined can linger in the OS's list for a moment after
+        # Python is done with it; give it that moment rather than giving up on fork.
+        deadline = time.monotonic() + 0.05
+        while threads - 1 > harness_threads and time.monotonic() < deadline:
+            time.sleep(0.001)
+            threads = _os_thread_count()
+        if threads - 1 <= harness_threads:
+            return "fork", ""
+    return "forkserver", (
+        f"the test process runs {threads} threads ({_thread_names()}), which makes fork "
+        "unsafe, so the child was started with forkserver"
+    )
+
+
+def _os_thread_count() -> int:
+    # Threads started by C code or by _thread directly (pytest-xdist's execnet I/O thread,
+    # faulthandler's watchdog) are not in threading.enumerate(); the OS sees them all.
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return threading.active_count()
+
+
+def _thread_names() -> str:
+    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    return ", ".join(names) if names else "not started by Python's threading module"
 
 
 class ChildFailure(Exception):
@@ -69,21 +111,30 @@ class ProcessBackend:
     """Run each test body in a child process started with the configured start method."""
 
     name = "process"
-    description = "the test body runs in a child process (start method: --concur-start-method)"
+    description = "the test body runs in a child process (see --concur-start-method)"
 
     def __init__(self, config: pytest.Config) -> None:
         # Checked here, at session start, so a bad value is a usage error up front.
         self.start_method = start_method(config)
+        self._harness_threads = foreign_threads()
 
     def start(self, item: pytest.Item) -> _ProcessRunner:
-        return _ProcessRunner(item, self.start_method)
+        method, why = self.start_method, ""
+        if method == "auto":
+            method, why = resolve_auto(self._harness_threads)
+        return _ProcessRunner(
+            item, method, why, harness=method == "fork" and self.start_method == "auto"
+        )
 
 
 @final
 class _ProcessRunner:
-    def __init__(self, item: pytest.Item, method: str) -> None:
+    def __init__(self, item: pytest.Item, method: str, why: str, *, harness: bool) -> None:
         self._item = item
         self._method = method
+        self._why = why
+        # auto chose fork although the harness's own threads run: its warning is not news.
+        self._quiet_fork = harness
         self._process: BaseProcess | None = None
 
     def run(self, call: BodyCall) -> None:
@@ -100,10 +151,14 @@ class _ProcessRunner:
             fulltrace=bool(config.getoption("fulltrace", False)),
             verbosity=config.get_verbosity(),
         )
-        ctx: Any = multiprocessing.get_context(self._method)
+        method, why = self._method, self._why
+        ctx: Any = multiprocessing.get_context(method)
+        if method == "forkserver":
+            # Paid once per session, by the server, instead of once per child.
+            ctx.set_forkserver_preload(["pytest_concur._backends._child"])
         reader, writer = ctx.Pipe(duplex=False)
         with tempfile.TemporaryDirectory(prefix="concur-") as tmp:
-            if self._method == "fork":
+            if method == "fork":
                 # The child has the parent's memory: nothing needs pickling on the way in,
                 # and it has the item, so failures render exactly as in a plain run.
                 args: tuple[Any, ...] = (job, writer, self._item, None)
@@ -121,15 +176,20 @@ class _ProcessRunner:
                     stderr_path=str(streams[1]) if capture else None,
                 )
                 job.warning_filters = _picklable_filters()
-                args = (_pickle_job(job, call, self._method), writer, None, boot)
+                args = (_pickle_job(job, call, method, why), writer, None, boot)
             process = ctx.Process(
                 target=_child.main, args=args, name=f"concur-{self._item.name}", daemon=False
             )
             self._process = process
             with warnings.catch_warnings():
-                # Python 3.12+ warns when forking a process that has threads. That warning
-                # is about *this* process's threads, which the test itself started; let it
-                # through unless it would be an error, and then say what to do instead.
+                # Python 3.12+ warns when forking a process that has threads. Under auto we
+                # only fork with the harness's own threads around (see resolve_auto); with
+                # fork forced, the threads are the test's, so the warning goes through, and
+                # if it is an error we say what to do instead.
+                if self._quiet_fork:
+                    warnings.filterwarnings(
+                        "ignore", "This process .* is multi-threaded", DeprecationWarning
+                    )
                 try:
                     process.start()
                 except DeprecationWarning as exc:
@@ -253,35 +313,45 @@ def _forward(text: str, stream: Any) -> None:
         stream.flush()
 
 
-def _pickle_job(job: _child.Job, call: BodyCall, method: str) -> bytes:
+def _pickle_job(job: _child.Job, call: BodyCall, method: str, why: str) -> bytes:
     """Pickle the job for a fresh interpreter, naming the first value that cannot go."""
-    params = getattr(call.item, "callspec", None)
-    param_names = set(params.params) if params is not None else set()
+    reason = f" ({why})" if why else ""
+    params = getattr(getattr(call.item, "callspec", None), "params", {})
     for name, value in job.kwargs.items():
-        try:
-            pickle.dumps(value)
-        except Exception as exc:
-            kind = "parameter" if name in param_names else "fixture"
-            pytest.fail(
-                f"{kind} {name!r} of {call.item.nodeid} cannot be sent to the child process "
-                f"(start method {method}): pickling {_short_repr(value)} failed with "
-                f"{type(exc).__name__}: {exc}.\n"
-                f"Fix: make the {kind} value picklable, use {START_METHOD_OPTION}=fork so the "
-                "child inherits it, or run this test under other backends, e.g. "
-                '@pytest.mark.backend("thread", "asyncio").',
-                pytrace=False,
-            )
+        problem = _pickle_problem(value)
+        if problem is None:
+            continue
+        # A direct parameter is the value itself; an indirect one went through a fixture.
+        kind = "parameter" if name in params and params[name] is value else "fixture"
+        pytest.fail(
+            f"{kind} {name!r} of {call.item.nodeid} cannot be sent to the child process "
+            f"(start method {method}{reason}): pickling {_short_repr(value)} failed with "
+            f"{problem}.\n"
+            f"Fix: make the {kind} value picklable, use {START_METHOD_OPTION}=fork so the "
+            "child inherits it, or run this test under other backends, e.g. "
+            '@pytest.mark.backend("thread", "asyncio").',
+            pytrace=False,
+        )
     try:
         return pickle.dumps(job)
     except Exception as exc:
-        pytest.fail(
-            f"the test function of {call.item.nodeid} cannot be sent to the child process "
-            f"(start method {method}): {type(exc).__name__}: {exc}.\n"
-            "Under spawn and forkserver the child imports the test by module and name, so it "
-            f"must be defined at module or class level. Use {START_METHOD_OPTION}=fork, "
-            "or move the test function to module level.",
-            pytrace=False,
-        )
+        problem = f"{type(exc).__name__}: {exc}"
+    pytest.fail(
+        f"the test function of {call.item.nodeid} cannot be sent to the child process "
+        f"(start method {method}{reason}): {problem}.\n"
+        "Under spawn and forkserver the child imports the test by module and name, so it "
+        f"must be defined at module or class level. Use {START_METHOD_OPTION}=fork, "
+        "or move the test function to module level.",
+        pytrace=False,
+    )
+
+
+def _pickle_problem(value: object) -> str | None:
+    try:
+        pickle.dumps(value)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
 
 
 def _short_repr(value: object) -> str:
