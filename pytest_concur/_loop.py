@@ -32,6 +32,7 @@ class LoopRunner:
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` as a task on this runner's loop, from the calling thread."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         return self._runner.run(coro)
 
     def close(self) -> None:

@@ -136,6 +136,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
     name = pyfuncitem.stash.get(BACKEND_NAME, None)
     if name is None:
         return None

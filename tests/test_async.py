@@ -170,9 +170,13 @@ def test_async_fixtures_of_plain_tests_stay_pytests_business(pytester: pytest.Py
             pass
         """
     )
-    result = pytester.runpytest()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines(["*requested an async fixture 'value'*"])
+    # Whatever this pytest version does with it (an error since pytest 9), the plugin
+    # changes nothing.
+    without = pytester.runpytest("-p", "no:concur").parseoutcomes()
+    with_plugin = pytester.runpytest().parseoutcomes()
+    without.pop("seconds", None)
+    with_plugin.pop("seconds", None)
+    assert with_plugin == without
 
 
 def test_sync_body_under_asyncio_sees_the_running_loop(pytester: pytest.Pytester) -> None:
@@ -241,4 +245,6 @@ def test_timeout_applies_to_the_thread_backend(pytester: pytest.Pytester) -> Non
     )
     result = pytester.runpytest_subprocess(timeout=60)
     result.assert_outcomes(failed=2, passed=1)
-    result.stdout.fnmatch_lines(["*Timeout (>0.3s) from pytest-timeout*"])
+    result.stdout.fnmatch_lines(["*Failed: Timeout*0.3s*"])
+    # pytest-timeout's dump of every stack shows where the body hangs in its thread.
+    result.stdout.fnmatch_lines(["*in test_slow", "    time.sleep(2)"])

@@ -361,7 +361,9 @@ def test_bad_start_method_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines(
-        ["ERROR: unknown start method 'vfork' for the process backend*auto, fork, forkserver, spawn."]
+        [
+            "ERROR: unknown start method 'vfork' for the process backend*auto, fork, forkserver, spawn."
+        ]
     )
 
 

@@ -198,7 +198,7 @@ def test_timeout_ends_the_child_and_the_session_goes_on(pytester: pytest.Pyteste
     )
     result = pytester.runpytest_subprocess(timeout=60)
     result.assert_outcomes(failed=1, passed=1)
-    result.stdout.fnmatch_lines(["*Failed: Timeout (>0.5s) from pytest-timeout.*"])
+    result.stdout.fnmatch_lines(["*Failed: Timeout*0.5s*"])
 
 
 def test_child_ignoring_sigterm_is_killed(pytester: pytest.Pytester) -> None:
@@ -235,9 +235,8 @@ def server():
 """
 
 
-def test_forced_fork_with_threads_under_warnings_as_errors_names_the_fix(
-    pytester: pytest.Pytester,
-) -> None:
+@pytest.mark.skipif(sys.version_info < (3, 12), reason="the fork warning is new in 3.12")
+def test_forced_fork_with_threads_shows_pythons_warning(pytester: pytest.Pytester) -> None:
     pytester.makeconftest(THREADED_FIXTURE)
     pytester.makepyfile(
         """
@@ -248,19 +247,9 @@ def test_forced_fork_with_threads_under_warnings_as_errors_names_the_fix(
             pass
         """
     )
-    result = pytester.runpytest_subprocess(
-        "--concur-start-method=fork", "-W", "error::DeprecationWarning"
-    )
-    if sys.version_info < (3, 12):
-        result.assert_outcomes(passed=1)
-        return
-    result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(
-        [
-            "*the process backend could not fork: *multi-threaded*",
-            "*Use another start method (--concur-start-method=forkserver or spawn)*",
-        ]
-    )
+    result = pytester.runpytest_subprocess("--concur-start-method=fork")
+    result.assert_outcomes(passed=1, warnings=1)
+    result.stdout.fnmatch_lines(["*DeprecationWarning: This process * is multi-threaded*"])
 
 
 def test_auto_does_not_fork_a_threaded_process(pytester: pytest.Pytester) -> None:

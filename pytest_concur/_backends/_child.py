@@ -20,6 +20,7 @@ import inspect
 import os
 import pickle
 import sys
+import traceback
 import types
 import warnings
 from collections.abc import Callable, Sequence
@@ -118,10 +119,17 @@ def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
         visible = excinfo.traceback.filter(excinfo) or excinfo.traceback
         entry = visible[-1]
         longrepr = (str(entry.path), entry.lineno + 1, excinfo.exconly(tryshort=True))
-    elif item is not None:
-        longrepr = item.repr_failure(excinfo)
     else:
-        longrepr = _repr_failure(excinfo, job)
+        try:
+            longrepr = (
+                item.repr_failure(excinfo) if item is not None else _repr_failure(excinfo, job)
+            )
+        except Exception as problem:
+            # Never lose the failure to a problem in rendering it.
+            longrepr = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+            longrepr += (
+                f"\n(pytest-concur could not render this failure as pytest does: {problem!r})"
+            )
     try:
         pickle.dumps(longrepr)
     except Exception:
@@ -196,13 +204,16 @@ def _repr_failure(excinfo: pytest.ExceptionInfo[BaseException], job: Job) -> Any
             )
         return traceback
 
+    options: dict[str, Any] = {}
+    if "truncate_args" in inspect.signature(excinfo.getrepr).parameters:  # pytest 8.3+
+        options["truncate_args"] = job.verbosity <= 2
     return excinfo.getrepr(
         funcargs=True,
         showlocals=job.showlocals,
         style=style,  # type: ignore[arg-type]
         tbfilter=False if job.fulltrace else cut,
         truncate_locals=job.verbosity <= 1,
-        truncate_args=job.verbosity <= 2,
+        **options,
     )
 
 

@@ -29,6 +29,7 @@ class AsyncioBackend:
 @final
 class _AsyncioRunner:
     def run(self, call: BodyCall) -> None:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         call.run_coroutine(call.call_async())
 
     def close(self) -> None:

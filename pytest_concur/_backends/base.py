@@ -78,6 +78,7 @@ class BodyCall:
 
     def __call__(self) -> None:
         """Run the body in the calling thread; an async body runs on the item's loop."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         if self.is_async:
             self.run_coroutine(self.function(**self.kwargs))
         else:
@@ -85,6 +86,7 @@ class BodyCall:
 
     async def call_async(self) -> None:
         """Run the body inside the running event loop: awaited if async, else called."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         if self.is_async:
             await self.function(**self.kwargs)
         else:

@@ -138,6 +138,7 @@ class _ProcessRunner:
         self._process: BaseProcess | None = None
 
     def run(self, call: BodyCall) -> None:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         import multiprocessing
         import multiprocessing.connection
 
@@ -183,32 +184,25 @@ class _ProcessRunner:
             self._process = process
             with warnings.catch_warnings():
                 # Python 3.12+ warns when forking a process that has threads. Under auto we
-                # only fork with the harness's own threads around (see resolve_auto); with
-                # fork forced, the threads are the test's, so the warning goes through, and
-                # if it is an error we say what to do instead.
+                # only fork with the harness's own threads around (see resolve_auto), which
+                # is not news to anyone; with fork forced, the threads are the test's, and
+                # the warning is theirs to see.
                 if self._quiet_fork:
                     warnings.filterwarnings(
                         "ignore", "This process .* is multi-threaded", DeprecationWarning
                     )
-                try:
-                    process.start()
-                except DeprecationWarning as exc:
-                    pytest.fail(
-                        f"the process backend could not fork: {exc}\n"
-                        "The test process has other threads running, which makes fork unsafe. "
-                        f"Use another start method ({START_METHOD_OPTION}=forkserver or spawn), "
-                        "or stop those threads before this test.",
-                        pytrace=False,
-                    )
+                process.start()
             writer.close()
-            outcome = None
+            ended = False
             try:
                 outcome = _receive(process, reader, multiprocessing.connection.wait)
+                ended = True
             finally:
                 reader.close()
-                if outcome is not None:
-                    # It is on its way out: let it finish, so coverage and atexit-like
-                    # cleanups in the child (multiprocessing's own) get to save their work.
+                if ended:
+                    # It sent its outcome or closed the pipe: it is on its way out. Let it
+                    # finish, so coverage and multiprocessing's own cleanups in the child
+                    # save their work, and so its real exit status is what we report.
                     process.join(TERMINATE_GRACE)
                 _stop(process)
                 if streams is not None:
@@ -230,6 +224,7 @@ def _receive(
     process: BaseProcess, reader: Any, wait: Callable[..., list[Any]]
 ) -> _child.Outcome | None:
     """Wait for the child's outcome; ``None`` if it ended without sending one."""
+    __tracebackhide__ = True  # the plugin's frames are not the user's
     while True:
         ready = wait([reader, process.sentinel])
         if reader in ready:

@@ -24,6 +24,7 @@ class ThreadBackend:
 @final
 class _ThreadRunner:
     def run(self, call: BodyCall) -> None:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
         error: list[BaseException] = []
 
         def body() -> None:
