@@ -21,10 +21,7 @@ from typing import Any
 import pytest
 
 from pytest_concur._loop import LoopRunner, item_loop
-
-CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
-# Items that run under a backend, stashed with their backend's name.
-BACKEND_NAME = pytest.StashKey[str]()
+from pytest_concur._state import CURRENT_ITEM, backend_of
 
 
 def is_async_fixture(func: object) -> bool:
@@ -37,7 +34,7 @@ def pytest_fixture_setup(
 ) -> Generator[None, Any, Any]:
     func = fixturedef.func
     item = request.config.stash.get(CURRENT_ITEM, None)
-    if not is_async_fixture(func) or item is None or BACKEND_NAME not in item.stash:
+    if not is_async_fixture(func) or item is None or backend_of(item) is None:
         return (yield)
     target = _bind(func, request)
     if fixturedef.scope == "function":

@@ -8,11 +8,12 @@ from typing import final
 
 import pytest
 
-from pytest_concur._backends.base import Backend
+from pytest_concur._backends.base import Backend, Check
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 REGISTRY = pytest.StashKey["BackendRegistry"]()
+CHECKS = pytest.StashKey["tuple[Check, ...]"]()
 
 
 @final
@@ -63,3 +64,25 @@ def collect(config: pytest.Config) -> BackendRegistry:
                 )
             found[name] = backend
     return BackendRegistry(found)
+
+
+def collect_checks(config: pytest.Config) -> tuple[Check, ...]:
+    """Ask every plugin for its checks and check them; raise a usage error on a bad one."""
+    found: dict[str, Check] = {}
+    for checks in reversed(config.hook.pytest_concur_add_checks(config=config)):
+        for check in checks or ():
+            origin = type(check).__module__
+            name = getattr(check, "name", None)
+            if not isinstance(check, Check) or not isinstance(name, str):
+                raise pytest.UsageError(
+                    f"pytest-concur: pytest_concur_add_checks returned {check!r} (from "
+                    f"{origin}), which is not a check: it needs a str 'name', a str "
+                    "'description' and a 'watch(item)' method (see pytest_concur.Check)."
+                )
+            if name in found:
+                raise pytest.UsageError(
+                    f"pytest-concur: check {name!r} is registered twice, by "
+                    f"{type(found[name]).__module__} and by {origin}; rename one of them."
+                )
+            found[name] = check
+    return tuple(found.values())

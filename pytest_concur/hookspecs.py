@@ -16,7 +16,7 @@ import pluggy
 if TYPE_CHECKING:
     import pytest
 
-    from pytest_concur._backends.base import Backend
+    from pytest_concur._backends.base import Backend, Check
 
 hookspec = pluggy.HookspecMarker("pytest")
 
@@ -36,4 +36,18 @@ def pytest_concur_add_backends(config: pytest.Config) -> Sequence[Backend] | Non
 
     :param config: The pytest config object.
     :returns: A sequence of backends, or ``None`` when this plugin adds none.
+    """
+
+
+@hookspec
+def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check] | None:
+    """Return the checks this plugin contributes.
+
+    Called once per session, from ``pytest_sessionstart``, like
+    :func:`pytest_concur_add_backends`. Every check watches every body that runs under a
+    backend (see :class:`pytest_concur.Check`); the built-in checks (deadlock detection,
+    leaks, background errors) come through this hook too, with ``trylast=True``.
+
+    :param config: The pytest config object.
+    :returns: A sequence of checks, or ``None`` when this plugin adds none.
     """

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from pytest_concur import _fixtures, _marker, _registry
-from pytest_concur._fixtures import BACKEND_NAME, CURRENT_ITEM
+from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM
 
 FIXTURE = "concur_backend"
 _RUNNER = pytest.StashKey[Any]()
@@ -63,9 +63,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "backend(*names): run this test once under each named pytest-concur backend, "
         "as separate items test[name] (built in: thread, process, asyncio).",
     )
-    from pytest_concur import _backends
+    from pytest_concur import _backends, _checks
 
     config.pluginmanager.register(_backends, "concur-builtin-backends")
+    config.pluginmanager.register(_checks, "concur-builtin-checks")
     config.pluginmanager.register(_fixtures, "concur-async-fixtures")
 
 
@@ -73,6 +74,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     registry = _registry.collect(config)
     config.stash[_registry.REGISTRY] = registry
+    config.stash[_registry.CHECKS] = _registry.collect_checks(config)
     for name, backend in registry.items():
         config.addinivalue_line(
             "markers",
@@ -143,12 +145,15 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     from pytest_concur._backends.base import BodyCall
     from pytest_concur._loop import item_loop
 
-    backend = pyfuncitem.config.stash[_registry.REGISTRY][name]
+    config = pyfuncitem.config
+    backend = config.stash[_registry.REGISTRY][name]
+    watches = [check.watch(pyfuncitem) for check in config.stash[_registry.CHECKS]]
     call = BodyCall(
         item=pyfuncitem,
         function=pyfuncitem.obj,
         kwargs=_body_kwargs(pyfuncitem),
         run_coroutine=item_loop(pyfuncitem).run,
+        watches=[watch for watch in watches if watch is not None],
     )
     runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
     runner.run(call)

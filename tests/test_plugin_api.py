@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import sys
 
 import pytest
 
@@ -175,7 +176,14 @@ def test_builtin_backends_satisfy_the_protocol(pytester: pytest.Pytester) -> Non
 
 
 def test_public_api_is_what_all_says() -> None:
-    assert sorted(pytest_concur.__all__) == ["Backend", "BodyCall", "Runner", "__version__"]
+    assert sorted(pytest_concur.__all__) == [
+        "Backend",
+        "BodyCall",
+        "Check",
+        "Runner",
+        "Watch",
+        "__version__",
+    ]
     for name in pytest_concur.__all__:
         assert hasattr(pytest_concur, name)
     public = {
@@ -184,3 +192,85 @@ def test_public_api_is_what_all_says() -> None:
         if not name.startswith("_") and not inspect.ismodule(value) and name != "annotations"
     }
     assert public == set(pytest_concur.__all__) - {"__version__"}
+
+
+ENV_CHECK = """
+import os
+
+class EnvWatch:
+    def begin(self):
+        self.before = dict(os.environ)
+
+    def end(self, failed):
+        added = sorted(set(os.environ) - set(self.before))
+        for name in added:
+            del os.environ[name]
+        if added:
+            return "the body left environment variables behind: " + ", ".join(added)
+        return None
+
+class EnvCheck:
+    name = "environ"
+    description = "the body leaves os.environ as it found it"
+
+    def watch(self, item):
+        if item.get_closest_marker("env_ok"):
+            return None
+        return EnvWatch()
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "env_ok: skip the environ check")
+
+def pytest_concur_add_checks(config):
+    return [EnvCheck()]
+"""
+
+
+def test_conftest_check_watches_bodies_where_they_run(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makeconftest(ENV_CHECK)
+    pytester.makepyfile(
+        f"""
+        import os
+        import pytest
+
+        pytestmark = pytest.mark.backend("{backend_name}")
+
+        def test_clean():
+            pass
+
+        def test_leaves_a_variable():
+            os.environ["CONCUR_LEFTOVER"] = "1"
+
+        async def test_async_leaves_a_variable():
+            os.environ["CONCUR_ASYNC_LEFTOVER"] = "1"
+
+        def test_fails_and_leaves():
+            os.environ["CONCUR_BOTH"] = "1"
+            assert 1 == 2
+
+        @pytest.mark.env_ok
+        def test_opted_out():
+            os.environ["CONCUR_ALLOWED"] = "1"
+
+        def test_cleaned_up():
+            assert "CONCUR_LEFTOVER" not in os.environ
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=3, failed=3)
+    result.stdout.fnmatch_lines_random(
+        [
+            "the body left environment variables behind: CONCUR_LEFTOVER",
+            "the body left environment variables behind: CONCUR_ASYNC_LEFTOVER",
+            "E       assert 1 == 2",
+        ]
+    )
+    if sys.version_info >= (3, 11):
+        result.stdout.fnmatch_lines(
+            [
+                "*pytest-concur also found:*",
+                "*the body left environment variables behind: CONCUR_BOTH",
+            ]
+        )

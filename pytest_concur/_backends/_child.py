@@ -28,7 +28,7 @@ from typing import Any, NoReturn
 
 import pytest
 
-from pytest_concur._backends.base import check_result
+from pytest_concur._backends.base import run_watched, run_watched_async
 
 
 @dataclasses.dataclass
@@ -42,6 +42,8 @@ class Job:
     showlocals: bool
     fulltrace: bool
     verbosity: int
+    # The checks' watches, run around the body here in the child (see pytest_concur.Watch).
+    watches: list[Any] = dataclasses.field(default_factory=list)
     # Only for start methods that do not inherit the parent's memory (spawn, forkserver).
     warning_filters: list[Any] | None = None
 
@@ -105,11 +107,11 @@ def _run(job: Job) -> None:
 
         runner = LoopRunner()
         try:
-            runner.run(job.function(**job.kwargs))
+            runner.run(run_watched_async(job.watches, job.function, job.kwargs))
         finally:
             runner.close()
     else:
-        check_result(job.nodeid, job.function(**job.kwargs))
+        run_watched(job.watches, job.nodeid, job.function, job.kwargs)
 
 
 def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 import warnings
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from typing import Any, Protocol, final, runtime_checkable
 
 import pytest
@@ -70,6 +71,8 @@ class BodyCall:
     function: Callable[..., Any]
     kwargs: Mapping[str, Any]
     run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any]
+    # The checks watching this body (see pytest_concur.Check); run around it wherever it runs.
+    watches: Sequence[Watch] = ()
 
     @property
     def is_async(self) -> bool:
@@ -80,17 +83,108 @@ class BodyCall:
         """Run the body in the calling thread; an async body runs on the item's loop."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
         if self.is_async:
-            self.run_coroutine(self.function(**self.kwargs))
+            self.run_coroutine(self.call_async())
         else:
-            check_result(self.item.nodeid, self.function(**self.kwargs))
+            run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)
 
     async def call_async(self) -> None:
         """Run the body inside the running event loop: awaited if async, else called."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
         if self.is_async:
-            await self.function(**self.kwargs)
+            await run_watched_async(self.watches, self.function, self.kwargs)
         else:
-            check_result(self.item.nodeid, self.function(**self.kwargs))
+            run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)
+
+
+@runtime_checkable
+class Watch(Protocol):
+    """One check watching one run of a body; made by :meth:`Check.watch`.
+
+    ``begin`` and ``end`` are called where the body runs (in the backend's thread, inside its
+    event loop, in its child process), right before and right after it, so a watch sees
+    what the body sees. Under the ``spawn`` and ``forkserver`` start methods a watch is
+    pickled to reach the child: keep it plain data plus methods.
+    """
+
+    def begin(self) -> None:
+        """Right before the body runs."""
+
+    def end(self, failed: bool) -> str | None:
+        """Right after the body, whether it failed or not: a report of what is wrong, or None.
+
+        A report fails a body that passed; for a body that failed, it is added to the
+        failure. Clean up what can be cleaned, so the next test starts clean.
+        """
+
+
+@runtime_checkable
+class Check(Protocol):
+    """Something pytest-concur verifies about every body that runs under a backend.
+
+    ``name`` identifies the check in options and markers; ``description`` is one line for
+    people. :meth:`watch` is called in pytest's own thread before each body; it returns the
+    :class:`Watch` for that run, or ``None`` when the check does not apply to the item.
+    """
+
+    name: str
+    description: str
+
+    def watch(self, item: pytest.Item) -> Watch | None:
+        """The watch for one run of ``item``'s body, or ``None`` to skip it."""
+
+
+def run_watched(
+    watches: Sequence[Watch],
+    nodeid: str,
+    function: Callable[..., Any],
+    kwargs: Mapping[str, Any],
+) -> None:
+    """Run a sync body between its watches' ``begin`` and ``end``."""
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    for watch in watches:
+        watch.begin()
+    try:
+        check_result(nodeid, function(**kwargs))
+    except BaseException as exc:
+        _report(watches, exc)
+        raise
+    _report(watches, None)
+
+
+async def run_watched_async(
+    watches: Sequence[Watch], function: Callable[..., Any], kwargs: Mapping[str, Any]
+) -> None:
+    """Await an async body between its watches' ``begin`` and ``end``."""
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    for watch in watches:
+        watch.begin()
+    try:
+        await function(**kwargs)
+    except BaseException as exc:
+        _report(watches, exc)
+        raise
+    _report(watches, None)
+
+
+def _report(watches: Sequence[Watch], exc: BaseException | None) -> None:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    problems = []
+    for watch in reversed(watches):
+        try:
+            problem = watch.end(exc is not None)
+        except Exception as error:  # a broken check must not hide the body's outcome
+            problem = f"check {type(watch).__qualname__} failed: {error!r}"
+        if problem:
+            problems.append(problem)
+    if not problems:
+        return
+    text = "\n\n".join(problems)
+    if exc is None:
+        pytest.fail(text, pytrace=False)
+    if sys.version_info >= (3, 11):
+        exc.add_note(f"\npytest-concur also found:\n{text}")
+    else:  # pragma: no cover - exercised by the py310 tox env
+        raise pytest.fail.Exception(f"{exc!r}\n\npytest-concur also found:\n{text}") from exc
 
 
 def check_result(nodeid: str, result: object) -> None:

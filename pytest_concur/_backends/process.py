@@ -151,6 +151,7 @@ class _ProcessRunner:
             showlocals=bool(config.getoption("showlocals", False)),
             fulltrace=bool(config.getoption("fulltrace", False)),
             verbosity=config.get_verbosity(),
+            watches=list(call.watches),
         )
         method, why = self._method, self._why
         ctx: Any = multiprocessing.get_context(method)
