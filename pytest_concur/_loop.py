@@ -4,7 +4,8 @@ An item's loop is created the first time an async fixture or an async body of th
 needs it and is closed after the item's teardown, so function-scoped async fixtures and the
 body share one loop and the next test never sees it. The loop is driven through
 ``asyncio.Runner`` (3.11+), which never touches the deprecated event-loop policy because we
-always pass a ``loop_factory``. Python 3.10 has no ``Runner``: :class:`_Runner310` does the
+always pass a ``loop_factory``: ``_loopwatch.new_loop``, a selector loop that fails at once
+when every task waits on something nothing can complete. Python 3.10 has no ``Runner``: :class:`_Runner310` does the
 same steps by hand (contextvars set by one call are not seen by the next there).
 """
 
@@ -17,6 +18,9 @@ from typing import Any, final
 
 import pytest
 
+from pytest_concur._locks import DeadlockError
+from pytest_concur._loopwatch import new_loop
+
 _ITEM_LOOP = pytest.StashKey["LoopRunner"]()
 
 
@@ -26,14 +30,21 @@ class LoopRunner:
 
     def __init__(self) -> None:
         if sys.version_info >= (3, 11):
-            self._runner: Any = asyncio.Runner(loop_factory=asyncio.new_event_loop)
+            self._runner: Any = asyncio.Runner(loop_factory=new_loop)
         else:  # pragma: no cover - exercised by the py310 tox env
             self._runner = _Runner310()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` as a task on this runner's loop, from the calling thread."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        return self._runner.run(coro)
+        try:
+            return self._runner.run(coro)
+        except DeadlockError as exc:
+            if not getattr(exc, "from_loop", False):
+                raise
+            # Raised out of the loop's select(): its traceback is asyncio's internals, not
+            # the test's. The message carries every task's await chain.
+            raise DeadlockError(str(exc)) from None
 
     def close(self) -> None:
         """Cancel what is left, shut down async generators and the default executor, close."""
@@ -46,7 +57,7 @@ class _Runner310:  # pragma: no cover - exercised by the py310 tox env
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if self._loop is None:
-            self._loop = asyncio.new_event_loop()
+            self._loop = new_loop()
         return self._loop.run_until_complete(self._loop.create_task(coro))
 
     def close(self) -> None:

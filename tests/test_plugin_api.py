@@ -180,6 +180,7 @@ def test_public_api_is_what_all_says() -> None:
         "Backend",
         "BodyCall",
         "Check",
+        "DeadlockError",
         "Runner",
         "Watch",
         "__version__",

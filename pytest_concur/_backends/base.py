@@ -156,6 +156,9 @@ async def run_watched_async(
 ) -> None:
     """Await an async body between its watches' ``begin`` and ``end``."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    from pytest_concur._loopwatch import note_body_task
+
+    forget = note_body_task()
     for watch in watches:
         watch.begin()
     try:
@@ -163,6 +166,8 @@ async def run_watched_async(
     except BaseException as exc:
         _report(watches, exc)
         raise
+    finally:
+        forget()
     _report(watches, None)
 
 

@@ -1,0 +1,669 @@
+"""Tracked locks and waits: the eyes of deadlock detection.
+
+``threading.Lock`` cannot be subclassed, so while a body runs under a backend the
+*factories* are replaced (``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``,
+and ``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) and
+``Thread.join`` is wrapped; everything is restored when the body ends. Locks made before
+that, or inside C code, are plain locks and invisible to us. ``Condition``, ``Semaphore``,
+``BoundedSemaphore``, ``Event``, ``Barrier`` and ``queue.Queue`` are built on these factories
+in the standard library, so they are tracked too.
+
+What is tracked, and the invariants:
+
+- A :class:`TrackedLock` records its *owner* (the thread that acquired it) and where it was
+  created. The uncontended path is one non-blocking acquire of the real lock plus a few
+  attribute writes: no global lock is taken.
+- A lock released by a thread other than its owner is a *signal* (a binary semaphore, a
+  ``Condition`` waiter), not a mutex: no thread "holds" it in the wait-for graph.
+- A thread that must block registers a :class:`Wait` in the :class:`Tracker` (under the
+  tracker's own, untracked lock), then waits in short slices. At the moment it starts
+  waiting it looks for a wait-for cycle through mutex owners and joined threads; at each
+  slice it checks whether every thread of the test is blocked in a tracked wait that
+  nothing left running can end. A finding must hold on two looks in a row (so a wait that
+  was just ended but not yet unregistered is never taken for a deadlock); then the
+  tracker's *verdict* is set and every tracked wait of the test raises
+  :class:`DeadlockError`, which unblocks the threads and fails the test with the diagnosis.
+- While locks nest, the order of acquisition is recorded (lockdep style): taking B while
+  holding A at one place and A while holding B at another is a potential deadlock, reported
+  even when this run did not hang.
+
+No thread of our own is ever started: the waiting threads are the watchdog, so the
+process backend's fork never sees a thread of the plugin's.
+"""
+
+from __future__ import annotations
+
+import _thread
+import dataclasses
+import os
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from types import FrameType
+from typing import Any, final
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_real_allocate_lock = _thread.allocate_lock
+_real_rlock: Callable[[], Any] = _thread.RLock
+_get_ident = _thread.get_ident
+
+# Frames in these files are the machinery between a user's call and a lock.
+_STDLIB_SYNC = (
+    os.path.join("threading.py"),
+    os.path.join("queue.py"),
+    os.path.join("concurrent", "futures", "_base.py"),
+    os.path.join("concurrent", "futures", "thread.py"),
+    os.path.join("asyncio", ""),
+    os.path.join("multiprocessing", ""),
+    __file__,
+)
+# The public blocking calls we name in diagnoses, by the stdlib function that blocks.
+_BLOCKING_CALLS = {
+    "Event.wait": "Event",
+    "Condition.wait": "Condition",
+    "Condition.wait_for": "Condition",
+    "Semaphore.acquire": "Semaphore",
+    "BoundedSemaphore.acquire": "BoundedSemaphore",
+    "Barrier.wait": "Barrier",
+    "Queue.get": "Queue (get)",
+    "Queue.put": "Queue (put)",
+    "Queue.join": "Queue (join: waits for task_done)",
+    "Future.result": "concurrent.futures.Future",
+    "Future.exception": "concurrent.futures.Future",
+}
+
+# How long a blocked thread sleeps between looks, and the delay between the two looks
+# that confirm a finding.
+_SLICE = 0.005
+_MAX_SLICE = 0.05
+
+
+class DeadlockError(RuntimeError):
+    """Raised in every blocked thread of a test that can provably make no more progress."""
+
+
+DeadlockError.__module__ = "pytest_concur"  # its public home, in reports and pickles
+
+
+def _is_machinery(frame: FrameType) -> bool:
+    filename = frame.f_code.co_filename
+    return any(part in filename for part in _STDLIB_SYNC)
+
+
+def user_site(frame: FrameType | None) -> str:
+    """``file:line in function`` of the first frame outside the locking machinery."""
+    while frame is not None and _is_machinery(frame):
+        frame = frame.f_back
+    if frame is None:
+        return "<unknown>"
+    code = frame.f_code
+    return f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+
+
+def _short(filename: str) -> str:
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:
+        return filename
+    return filename if relative.startswith("..") else relative
+
+
+def _blocking_call(frame: FrameType | None) -> tuple[str, object] | None:
+    """The outermost known blocking stdlib call on the stack, with its ``self``."""
+    found = None
+    while frame is not None and _is_machinery(frame):
+        code = frame.f_code
+        qualname = getattr(code, "co_qualname", None) or code.co_name
+        for call, kind in _BLOCKING_CALLS.items():
+            if (
+                qualname == call
+                or qualname.endswith("." + call)
+                or (
+                    code.co_name == call.split(".")[1]
+                    and type(frame.f_locals.get("self")).__name__ == call.split(".")[0]
+                )
+            ):
+                found = (kind, frame.f_locals.get("self"))
+        frame = frame.f_back
+    return found
+
+
+@final
+class TrackedLock:
+    """A lock (or, with ``reentrant``, an RLock) whose owner and waiters we can see."""
+
+    __slots__ = ("__weakref__", "_count", "_lock", "_reentrant", "owner", "signal", "site")
+
+    def __init__(self, *, reentrant: bool = False, signal: bool = False) -> None:
+        self._lock = _real_rlock() if reentrant else _real_allocate_lock()
+        self._reentrant = reentrant
+        self._count = 0
+        self.owner: int | None = None
+        self.signal = signal
+        self.site = user_site(sys._getframe(1))
+
+    # -- the lock API -------------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        if self._lock.acquire(False):
+            self._took()
+            return True
+        if not blocking:
+            return False
+        return self._wait(timeout)
+
+    def release(self) -> None:
+        me = _get_ident()
+        if self._reentrant:
+            if self.owner != me:
+                raise RuntimeError("cannot release un-acquired lock")
+            self._count -= 1
+            if self._count == 0:
+                self.owner = None
+                _note_released(self, me)
+            self._lock.release()
+            return
+        owner = self.owner
+        if owner is not None and owner != me:
+            self.signal = True  # released by someone else: a signal, not a mutex
+        self.owner = None
+        self._lock.release()
+        if owner is not None:
+            _note_released(self, owner)
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+    def locked(self) -> bool:
+        if self._reentrant:
+            return self.owner is not None
+        return bool(self._lock.locked())
+
+    # Condition's protocol for RLocks (and its fallbacks for plain locks).
+    def _is_owned(self) -> bool:
+        if self._reentrant:
+            return self.owner == _get_ident()
+        if self._lock.acquire(False):
+            self._lock.release()
+            return False
+        return True
+
+    def _release_save(self) -> Any:
+        if not self._reentrant:
+            self.release()
+            return None
+        if self.owner != _get_ident():
+            raise RuntimeError("cannot release un-acquired lock")
+        count, self._count = self._count, 0
+        self.owner = None
+        _note_released(self, _get_ident())
+        for _ in range(count):
+            self._lock.release()
+        return count
+
+    def _acquire_restore(self, state: Any) -> None:
+        self.acquire()
+        if self._reentrant and state:
+            for _ in range(state - 1):
+                self._lock.acquire()
+            self._count = state
+
+    def _recursion_count(self) -> int:
+        # RLock's (3.11+), used by multiprocessing's resource tracker among others.
+        return self._count if self.owner == _get_ident() else 0
+
+    def _at_fork_reinit(self) -> None:
+        self._lock = _real_rlock() if self._reentrant else _real_allocate_lock()
+        self._count = 0
+        self.owner = None
+
+    def __repr__(self) -> str:
+        kind = "RLock" if self._reentrant else "Lock"
+        state = f"held by {_thread_name(self.owner)}" if self.owner is not None else "free"
+        return f"<tracked {kind} created at {self.site}, {state}>"
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _took(self) -> None:
+        me = _get_ident()
+        if self._reentrant:
+            if self.owner == me:
+                self._count += 1
+                return
+            self._count = 1
+        self.owner = me
+        tracker = TRACKER
+        if tracker is not None and not self.signal:
+            tracker.note_acquired(self, me)
+
+    def _wait(self, timeout: float) -> bool:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        tracker = TRACKER
+        if tracker is None:
+            got = self._lock.acquire(True, timeout)
+        else:
+            got = tracker.wait_for(
+                Wait(kind="lock", lock=self, timeout=None if timeout < 0 else timeout),
+                lambda slice_: bool(self._lock.acquire(True, slice_)),
+            )
+        if got:
+            self._took()
+        return got
+
+
+def _note_released(lock: TrackedLock, owner: int) -> None:
+    tracker = TRACKER
+    if tracker is not None:
+        tracker.note_released(lock, owner)
+
+
+@dataclasses.dataclass(eq=False)
+class Wait:
+    """What one blocked thread waits for."""
+
+    kind: str  # "lock" or "join"
+    lock: TrackedLock | None = None
+    thread: threading.Thread | None = None
+    timeout: float | None = None
+    ident: int = 0
+    site: str = ""
+    call: tuple[str, object] | None = None
+
+    def still_blocked(self) -> bool:
+        if self.kind == "join":
+            return self.thread is not None and self.thread.is_alive()
+        return self.lock is not None and self.lock.locked()
+
+    def holder(self) -> int | None:
+        """The thread this wait depends on, when that is one thread: a mutex owner, a joinee."""
+        if self.kind == "join":
+            return None if self.thread is None else self.thread.ident
+        if self.lock is None or self.lock.signal:
+            return None
+        return self.lock.owner
+
+    def describe(self) -> str:
+        if self.kind == "join":
+            assert self.thread is not None
+            return f"joins thread {self.thread.name!r}"
+        assert self.lock is not None
+        if self.call is not None:
+            kind, obj = self.call
+            return f"waits on {kind} {_describe_sync(obj)}"
+        what = "RLock" if self.lock._reentrant else "Lock"
+        holder = self.holder()
+        held = f", held by {_thread_name(holder)}" if holder is not None else ""
+        return f"waits for {what} created at {self.lock.site}{held}"
+
+
+def _describe_sync(obj: object) -> str:
+    """Where a stdlib synchronisation object was made, through the tracked lock inside it."""
+    for attribute in ("_cond", "mutex", "_lock", "_condition"):
+        inner = getattr(obj, attribute, None)
+        if not isinstance(inner, TrackedLock):
+            inner = getattr(inner, "_lock", None)  # a Condition's lock
+        if isinstance(inner, TrackedLock):
+            return f"created at {inner.site}"
+    return "(created before the test, or in C code)"
+
+
+def _thread_name(ident: int | None) -> str:
+    if ident is None:
+        return "nobody"
+    for thread in threading.enumerate():
+        if thread.ident == ident:
+            return repr(thread.name)
+    return f"thread {ident}"
+
+
+@final
+class Tracker:
+    """The tracked state of one body run: who waits for what, and the verdict."""
+
+    def __init__(self, body_thread: int, passive_threads: frozenset[int]) -> None:
+        self._mutex = _real_allocate_lock()
+        self.body_thread = body_thread
+        # Threads that only wait for the body (the thread backend's pytest thread).
+        self.passive_threads = passive_threads
+        self.started: list[threading.Thread] = []
+        self.starting = 0
+        self.waits: dict[int, Wait] = {}
+        self.verdict: str | None = None
+        # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
+        self.order: dict[tuple[int, int], tuple[TrackedLock, TrackedLock, str]] = {}
+        self.inversions: list[str] = []
+        self.held: dict[int, list[TrackedLock]] = {}
+        self.foreign_at_start = {
+            t.ident for t in threading.enumerate() if t.ident not in passive_threads
+        } - {body_thread}
+
+    # -- lock order ---------------------------------------------------------------------
+
+    def note_acquired(self, lock: TrackedLock, me: int) -> None:
+        held = self.held.get(me)
+        if held is None:
+            self.held[me] = [lock]
+            return
+        for first in held:
+            if first is lock:
+                continue
+            key = (id(first), id(lock))
+            if key in self.order:
+                continue
+            site = user_site(sys._getframe(2))
+            with self._mutex:
+                self.order[key] = (first, lock, site)
+                reverse = self.order.get((id(lock), id(first)))
+                if reverse is not None:
+                    self.inversions.append(_inversion_report(first, lock, site, reverse[2]))
+        held.append(lock)
+
+    def note_released(self, lock: TrackedLock, owner: int) -> None:
+        held = self.held.get(owner)
+        if held:
+            for index in range(len(held) - 1, -1, -1):
+                if held[index] is lock:
+                    del held[index]
+                    break
+
+    # -- waits --------------------------------------------------------------------------
+
+    def wait_for(self, wait: Wait, attempt: Callable[[float], bool]) -> bool:
+        """Block in slices until ``attempt`` succeeds, the timeout passes, or a verdict."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        wait.ident = _get_ident()
+        frame = sys._getframe(2)
+        wait.site = user_site(frame)
+        wait.call = _blocking_call(frame)
+        deadline = None if wait.timeout is None else time.monotonic() + wait.timeout
+        with self._mutex:
+            self.waits[wait.ident] = wait
+        try:
+            if wait.timeout is None:
+                self._look(wait, first=True)
+            slice_ = _SLICE
+            while True:
+                if self.verdict is not None:
+                    raise DeadlockError(self.verdict)
+                if deadline is not None:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        return attempt(0)
+                    slice_ = min(slice_, remaining)
+                if attempt(slice_):
+                    return True
+                if wait.timeout is None:
+                    self._look(wait, first=False)
+                slice_ = min(slice_ * 2, _MAX_SLICE)
+        finally:
+            with self._mutex:
+                if self.waits.get(wait.ident) is wait:
+                    del self.waits[wait.ident]
+
+    def _look(self, wait: Wait, *, first: bool) -> None:
+        """Look for a deadlock; if one holds on two looks, set the verdict."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        finding = self._find(wait, self.snapshot())
+        if finding is None:
+            return
+        time.sleep(_SLICE)  # confirm: a wait that just ended must have unregistered by now
+        waits = self.snapshot()
+        if self._find(wait, waits) == finding:
+            with self._mutex:
+                if self.verdict is None:
+                    self.verdict = _render(finding, waits)
+        if self.verdict is not None:
+            raise DeadlockError(self.verdict)
+
+    def snapshot(self) -> dict[int, Wait]:
+        """Who waits for what, now."""
+        with self._mutex:
+            return dict(self.waits)
+
+    def _find(self, wait: Wait, waits: dict[int, Wait]) -> tuple[str, tuple[int, ...]] | None:
+        """What kind of deadlock holds, and between which threads; ``None`` if none does."""
+        cycle = self._cycle(wait.ident, waits)
+        if cycle is not None:
+            return ("cycle", self._canonical(cycle))
+        blocked = self._all_blocked(waits)
+        if blocked is None:
+            return None
+        # Everyone is stuck; if a cycle is why, name the cycle: it says more.
+        for ident in blocked:
+            cycle = self._cycle(ident, waits)
+            if cycle is not None:
+                return ("cycle", self._canonical(cycle))
+        return ("blocked", tuple(blocked))
+
+    def _canonical(self, cycle: list[int]) -> tuple[int, ...]:
+        """The cycle from its earliest-started thread, so every thread reports it alike."""
+        order = [self.body_thread] + [t.ident for t in self.started]
+        rank = {ident: index for index, ident in enumerate(order)}
+        first = min(range(len(cycle)), key=lambda i: rank.get(cycle[i], len(order)))
+        return tuple(cycle[first:] + cycle[:first])
+
+    def _cycle(self, start: int, waits: dict[int, Wait]) -> list[int] | None:
+        path = [start]
+        current = start
+        while True:
+            wait = waits.get(current)
+            if wait is None or wait.timeout is not None or not wait.still_blocked():
+                return None
+            nxt = wait.holder()
+            if nxt is None:
+                return None
+            if nxt == start:
+                return path
+            if nxt in path:
+                return None  # a cycle that does not pass through us: its own threads see it
+            path.append(nxt)
+            current = nxt
+
+    def _all_blocked(self, waits: dict[int, Wait]) -> list[int] | None:
+        if self.starting:
+            return None
+        test_threads = [self.body_thread] + [
+            t.ident for t in self.started if t.ident is not None and t.is_alive()
+        ]
+        for ident in test_threads:
+            wait = waits.get(ident)
+            if wait is None or wait.timeout is not None or not wait.still_blocked():
+                return None
+        # Anyone else who could end a wait? Threads that were running before the body and
+        # that Python knows (a fixture's server thread) might; the harness's own threads
+        # (unknown to threading: xdist's I/O thread) and the thread backend's waiting pytest
+        # thread do not.
+        for thread in threading.enumerate():
+            other_ident = thread.ident
+            if other_ident is None or other_ident in self.passive_threads:
+                continue
+            if other_ident in test_threads or not thread.is_alive():
+                continue
+            other = waits.get(other_ident)
+            if other is None or other.timeout is not None:
+                return None
+        return test_threads
+
+    def report_inversions(self) -> str | None:
+        return "\n\n".join(dict.fromkeys(self.inversions)) or None
+
+
+_THREAD_BOOTSTRAP = frozenset({"_bootstrap", "_bootstrap_inner", "run"})
+_KINDS = {
+    "cycle": "a wait-for cycle (each thread waits for the next)",
+    "blocked": "every thread of the test is blocked, and nothing left running can end the waits",
+}
+
+
+def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str:
+    kind, idents = finding
+    frames = sys._current_frames()
+    lines = [f"pytest-concur: deadlock: {_KINDS[kind]}"]
+    for ident in idents:
+        wait = waits[ident]
+        lines.append(f"  thread {_thread_name(ident)} {wait.describe()}")
+        lines.append(f"    at {wait.site}")
+    for ident in idents:
+        frame = frames.get(ident)
+        if frame is None:
+            continue
+        lines.append("")
+        lines.append(f"Stack of thread {_thread_name(ident)}:")
+        stack = [
+            f
+            for f in traceback.extract_stack(frame)
+            if not f.filename.startswith(_PACKAGE)
+            and not (f.filename.endswith("threading.py") and f.name in _THREAD_BOOTSTRAP)
+        ]
+        lines.extend(line.rstrip("\n") for line in traceback.format_list(stack))
+    return "\n".join(lines)
+
+
+def _inversion_report(held: TrackedLock, taken: TrackedLock, site: str, earlier_site: str) -> str:
+    # Named in the order they were first nested: A, then B inside it.
+    return (
+        "pytest-concur: potential deadlock: two locks are taken in both orders\n"
+        f"  Lock A created at {taken.site}\n"
+        f"  Lock B created at {held.site}\n"
+        f"  B taken while holding A at {earlier_site}\n"
+        f"  A taken while holding B at {site}\n"
+        "Two threads taking them at these two places at the same time deadlock. Take the "
+        "locks in one order everywhere."
+    )
+
+
+# -- installing and removing the tracking ---------------------------------------------
+
+TRACKER: Tracker | None = None
+_install_lock = _real_allocate_lock()
+_real_join = threading.Thread.join
+_real_start = threading.Thread.start
+
+
+class _FactoryMeta(type):
+    """Keeps ``isinstance(x, threading.Lock)`` working (3.13+) while the factory is ours."""
+
+    _real: Any
+
+    def __instancecheck__(cls, instance: object) -> bool:
+        real = cls._real
+        return isinstance(instance, TrackedLock) or (
+            isinstance(real, type) and isinstance(instance, real)
+        )
+
+
+class _tracked_lock(metaclass=_FactoryMeta):
+    _real = threading.Lock
+
+    def __new__(cls) -> TrackedLock:  # type: ignore[misc]
+        return TrackedLock()
+
+
+class _tracked_rlock(metaclass=_FactoryMeta):
+    _real = threading.RLock
+
+    def __new__(cls, *args: object, **kwargs: object) -> TrackedLock:  # type: ignore[misc]
+        return TrackedLock(reentrant=True)
+
+
+def _tracked_signal_lock() -> TrackedLock:
+    # Condition.wait's waiter: acquired by the waiter, released by the notifier.
+    return TrackedLock(signal=True)
+
+
+def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    tracker = TRACKER
+    if (
+        tracker is None
+        or timeout is not None
+        or self is threading.current_thread()
+        or _get_ident() in tracker.passive_threads
+    ):
+        _real_join(self, timeout)
+        return
+
+    def attempt(slice_: float) -> bool:
+        _real_join(self, slice_)
+        return not self.is_alive()
+
+    if not self.is_alive():
+        _real_join(self, None)  # finished, or never started: let join say which
+        return
+    tracker.wait_for(Wait(kind="join", thread=self), attempt)
+
+
+def _quiet_hook(previous: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An excepthook that keeps quiet about the DeadlockErrors we raised to unblock threads."""
+
+    def hook(args: Any) -> object:
+        if isinstance(args.exc_value, DeadlockError):
+            return None  # the test's failure already carries the diagnosis
+        return previous(args)
+
+    return hook
+
+
+def _tracked_start(self: threading.Thread) -> None:
+    tracker = TRACKER
+    if tracker is None:
+        _real_start(self)
+        return
+    tracker.started.append(self)
+    tracker.starting += 1  # not blocked, not yet alive: it will run
+    try:
+        _real_start(self)
+    finally:
+        tracker.starting -= 1
+
+
+_PATCHES: list[tuple[Any, str, Any]] = [
+    (threading, "Lock", _tracked_lock),
+    (threading, "RLock", _tracked_rlock),
+    (threading, "_allocate_lock", _tracked_signal_lock),
+    (_thread, "allocate_lock", _tracked_lock),
+    (_thread, "RLock", _tracked_rlock),
+    (threading.Thread, "join", _tracked_join),
+    (threading.Thread, "start", _tracked_start),
+]
+
+
+@final
+class tracking:
+    """Track locks and waits in this process for the span of a ``with`` block."""
+
+    def __init__(self, passive_threads: frozenset[int] = frozenset()) -> None:
+        self._passive = passive_threads
+        self._saved: list[tuple[Any, str, Any]] = []
+        self.tracker: Tracker | None = None
+
+    def __enter__(self) -> Tracker:
+        global TRACKER
+        with _install_lock:
+            if TRACKER is not None:
+                raise RuntimeError("lock tracking is already active")
+            tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
+            patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
+            self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+            for owner, name, replacement in patches:
+                setattr(owner, name, replacement)
+        return tracker
+
+    def __exit__(self, *exc_info: object) -> None:
+        global TRACKER
+        with _install_lock:
+            for owner, name, original in self._saved:
+                setattr(owner, name, original)
+            self._saved = []
+            TRACKER = None
+
+
+def started_threads(tracker: Tracker) -> Iterator[threading.Thread]:
+    """Threads started while ``tracker`` was active."""
+    return iter(list(tracker.started))

@@ -1,0 +1,224 @@
+"""Deadlock detection inside the event loops pytest-concur runs.
+
+An event loop is deadlocked when every task waits and nothing can ever wake one: no
+callback is ready, no timer is due, no file descriptor but the loop's own wake-up pipe is
+watched, no executor job is pending, and no other thread is at work that could call
+``call_soon_threadsafe`` (trio's criterion, applied to asyncio). The loop tells us the first
+three itself: it calls ``select(None)`` exactly when it has no ready callback and no timer.
+So our loops get a selector that, asked to block forever, probes in short slices instead and
+checks the rest; when the loop is provably stuck it raises :class:`DeadlockError` out of
+the loop, with every task and what it awaits. Threads are judged with the lock tracker's
+knowledge (``_locks``): a thread blocked in a tracked wait without timeout wakes nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+import threading
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future
+from typing import Any, final
+
+from pytest_concur import _locks
+
+_PROBE = 0.01
+_MAX_PROBE = 0.1
+
+
+@final
+class WatchingSelector(selectors.BaseSelector):
+    """The default selector, except that blocking forever is done in watched slices."""
+
+    def __init__(self) -> None:
+        self._inner = selectors.DefaultSelector()
+        self.loop: WatchedLoop | None = None
+
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.register(fileobj, events, data)
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        return self._inner.unregister(fileobj)
+
+    def modify(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        return self._inner.modify(fileobj, events, data)
+
+    def get_map(self) -> Mapping[Any, selectors.SelectorKey]:
+        return self._inner.get_map()
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        if timeout is not None or self.loop is None:
+            return self._inner.select(timeout)
+        probe = _PROBE
+        suspect = False
+        while True:
+            events = self._inner.select(probe)
+            if events:
+                return events
+            if self._stuck():
+                if suspect:  # stuck on two looks in a row
+                    self._fail(self.loop)
+                    return []
+                suspect = True
+                continue
+            suspect = False
+            probe = min(probe * 2, _MAX_PROBE)
+
+    @staticmethod
+    def _fail(loop: WatchedLoop) -> None:
+        """Fail the test body where it awaits; failing that, fail the loop itself."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        error = _locks.DeadlockError(_report(loop))
+        body = loop.body_task
+        # The future the body's task is parked on (Task._fut_waiter, private: the only way
+        # to wake the body with the error where the user's code awaits).
+        waiter = getattr(body, "_fut_waiter", None) if body is not None else None
+        if (
+            isinstance(waiter, asyncio.Future)
+            and not isinstance(waiter, asyncio.Task)
+            and not waiter.done()
+        ):
+            waiter.set_exception(error)
+            return
+        error.from_loop = True  # type: ignore[attr-defined]
+        raise error
+
+    def _stuck(self) -> bool:
+        loop = self.loop
+        if loop is None or loop.pending_jobs or len(self._inner.get_map()) > 1:
+            return False
+        tracker = _locks.TRACKER
+        passive = tracker.passive_threads if tracker is not None else frozenset()
+        waits = tracker.snapshot() if tracker is not None else {}
+        me = threading.get_ident()
+        for thread in threading.enumerate():
+            ident = thread.ident
+            if ident == me or ident in passive or not thread.is_alive():
+                continue
+            if thread.name.startswith("asyncio_"):
+                continue  # the default executor's idle workers: no job is pending
+            wait = waits.get(ident) if ident is not None else None
+            if wait is None or wait.timeout is not None:
+                return False  # a thread at work could still wake the loop
+        return any(not task.done() for task in asyncio.all_tasks(loop))
+
+
+@final
+class WatchedLoop(asyncio.SelectorEventLoop):
+    """A selector event loop that counts its pending executor jobs and watches its select."""
+
+    def __init__(self) -> None:
+        selector = WatchingSelector()
+        super().__init__(selector)
+        selector.loop = self
+        self.pending_jobs = 0
+        # The task running the test body, set while it runs (see BodyCall.call_async).
+        self.body_task: asyncio.Task[Any] | None = None
+
+    def run_in_executor(  # type: ignore[override]
+        self, executor: Any, func: Callable[..., Any], *args: Any
+    ) -> asyncio.Future[Any]:
+        future = super().run_in_executor(executor, func, *args)
+        self.pending_jobs += 1
+        future.add_done_callback(self._job_done)
+        return future
+
+    def _job_done(self, future: asyncio.Future[Any]) -> None:
+        self.pending_jobs -= 1
+
+
+def new_loop() -> asyncio.AbstractEventLoop:
+    """A loop for pytest-concur's runners: watched where selectors allow, plain elsewhere."""
+    if not hasattr(asyncio, "SelectorEventLoop") or not hasattr(selectors, "DefaultSelector"):
+        return asyncio.new_event_loop()  # pragma: no cover - not POSIX
+    return WatchedLoop()
+
+
+def _report(loop: asyncio.AbstractEventLoop) -> str:
+    tasks = sorted(
+        (task for task in asyncio.all_tasks(loop) if not task.done()),
+        key=lambda task: task.get_name(),
+    )
+    lines = [
+        "pytest-concur: deadlock: every task of the event loop waits, and nothing can wake "
+        "one (no ready callback, no timer, no I/O, no executor job, no thread at work)"
+    ]
+    for task in tasks:
+        site, awaited = _await_point(task)
+        lines.append(f"  task {task.get_name()!r} ({_coro_name(task)}) awaits {awaited}")
+        lines.append(f"    at {site}")
+    for task in tasks:
+        frames = _await_frames(task.get_coro())
+        if not frames:
+            continue
+        lines.append("")
+        lines.append(f"Await chain of task {task.get_name()!r}:")
+        for frame in frames:
+            code = frame.f_code
+            lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+    return "\n".join(lines)
+
+
+def _coro_name(task: asyncio.Task[Any]) -> str:
+    """The outermost user function the task runs (past pytest-concur's own wrappers)."""
+    for frame in _await_frames(task.get_coro()):
+        code = frame.f_code
+        return str(getattr(code, "co_qualname", code.co_name))
+    coro = task.get_coro()
+    return str(getattr(coro, "__qualname__", None) or type(coro).__name__)
+
+
+def _await_frames(coro: Any) -> list[Any]:
+    """The frames of a coroutine's await chain, outermost first, pytest-concur's left out."""
+    frames = []
+    obj = coro
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is not None and not frame.f_code.co_filename.startswith(_locks._PACKAGE):
+            frames.append(frame)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
+    return frames
+
+
+def _await_point(task: asyncio.Task[Any]) -> tuple[str, str]:
+    """Where the task's user code awaits, and a description of what it awaits."""
+    frames = _await_frames(task.get_coro())
+    user = [f for f in frames if not _locks._is_machinery(f)]
+    site = _locks.user_site(user[-1]) if user else "<unknown>"
+    innermost = frames[-1] if frames else None
+    if innermost is not None and _locks._is_machinery(innermost):
+        owner = innermost.f_locals.get("self")
+        kind = type(owner).__name__ if owner is not None else ""
+        call = f"{kind}.{innermost.f_code.co_name}" if kind else innermost.f_code.co_name
+        return site, f"asyncio {call}()"
+    # What the task's step is parked on. Task._fut_waiter is private, but it is the only
+    # way to see it; without it we say less, nothing breaks.
+    waiter = getattr(task, "_fut_waiter", None)
+    if isinstance(waiter, asyncio.Task):
+        return site, f"task {waiter.get_name()!r}"
+    children = getattr(waiter, "_children", None)
+    if children:
+        names = ", ".join(
+            repr(child.get_name()) for child in children if hasattr(child, "get_name")
+        )
+        return site, f"gather() of tasks {names}" if names else "gather()"
+    if isinstance(waiter, (asyncio.Future, Future)):
+        return site, "a future that nothing completes"
+    return site, "something pytest-concur cannot see"
+
+
+def note_body_task() -> Callable[[], None]:
+    """Mark the running task as the test body's; returns the function that unmarks it."""
+    loop = asyncio.get_running_loop()
+    if not isinstance(loop, WatchedLoop):
+        return lambda: None
+    loop.body_task = asyncio.current_task()
+
+    def forget() -> None:
+        loop.body_task = None
+
+    return forget
