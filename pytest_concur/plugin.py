@@ -51,9 +51,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="",
     )
     parser.addini(
+        "concur_lock_order",
+        "Locks taken in both orders during a backend test: fail (default), warn or off.",
+        default="fail",
+    )
+    parser.addini(
         "concur_start_method",
         "Start method of the process backend: auto (default), fork, forkserver or spawn.",
         default="",
+    )
+    # The leak checks' keys (pytest_concur/_checks/_allow.py reads them; declared here so
+    # that pytest --version does not import the checks).
+    for kind in ("threads", "tasks", "processes", "started_by"):
+        parser.addini(
+            f"concur_allow_{kind}",
+            f"Patterns (fnmatch, one per line): {kind.replace('_', ' ')} the leak checks "
+            "leave alone in every test"
+            + (" (by a function that started them)." if kind == "started_by" else "."),
+            type="linelist",
+            default=[],
+        )
+    parser.addini(
+        "concur_checks_off",
+        "pytest-concur checks to turn off for every test: threads, tasks, processes.",
+        type="args",
+        default=[],
+    )
+    parser.addini(
+        "concur_leak_grace",
+        "Seconds a thread or process a test started may take to finish after the body "
+        "returned before it is reported as left running (default 1.0).",
+        default="1.0",
     )
 
 
@@ -62,6 +90,13 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers",
         "backend(*names): run this test once under each named pytest-concur backend, "
         "as separate items test[name] (built in: thread, process, asyncio).",
+    )
+    config.addinivalue_line(
+        "markers",
+        "concur_allow(threads=[...], tasks=[...], processes=[...], started_by=[...], "
+        "checks_off=[...]): let this test leave running the threads, tasks and processes "
+        "whose name or target matches a pattern (fnmatch) or that a matching function "
+        "started; checks_off turns pytest-concur's leak checks off (threads, tasks, processes).",
     )
     from pytest_concur import _backends, _checks
 

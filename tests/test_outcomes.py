@@ -63,7 +63,17 @@ def failure_sections(result: pytest.RunResult) -> str:
     lines = result.stdout.lines
     start = next(i for i, line in enumerate(lines) if "= FAILURES =" in line)
     end = next(i for i, line in enumerate(lines) if "short test summary info" in line)
-    text = "\n".join(line for line in lines[start + 1 : end] if not line.startswith("___"))
+    kept, in_captured = [], False
+    for line in lines[start + 1 : end]:
+        if line.startswith("___"):  # a test's header
+            in_captured = False
+            continue
+        # Captured output is not the failure's rendering (and may hold a measuring tool's
+        # warnings, as coverage's in a fresh child).
+        in_captured = in_captured or (line.startswith("---") and " Captured " in line)
+        if not in_captured:
+            kept.append(line)
+    text = "\n".join(kept)
     return re.sub(r"0x[0-9a-f]+", "0x...", text)  # object addresses differ between runs
 
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import inspect
 import os
 import pickle
+import signal
 import sys
 import traceback
 import types
@@ -78,10 +80,20 @@ class Outcome:
     stderr: str = ""
 
 
+# The parent sends this when it gives up on the child (a timeout): dump every thread's stack
+# to stderr. Its default action is to be ignored, so a child that has not installed the
+# handler yet is not killed by it.
+DUMP_SIGNAL = getattr(signal, "SIGURG", None)
+
+
 def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap | None) -> None:
     """The child's entry point: run the job and send back its :class:`Outcome`."""
     if boot is not None:
         _bootstrap(boot)
+    if DUMP_SIGNAL is not None:
+        # The real stderr (fd 2): under --capture=sys, sys.stderr has no file descriptor.
+        with contextlib.suppress(Exception):
+            faulthandler.register(DUMP_SIGNAL, file=2, all_threads=True)
     if isinstance(job, bytes):
         job = pickle.loads(job)
     assert isinstance(job, Job)

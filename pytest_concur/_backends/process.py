@@ -25,7 +25,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
@@ -205,12 +205,14 @@ class _ProcessRunner:
                     # finish, so coverage and multiprocessing's own cleanups in the child
                     # save their work, and so its real exit status is what we report.
                     process.join(TERMINATE_GRACE)
+                else:
+                    _dump_stacks(process)
                 _stop(process)
                 if streams is not None:
                     _forward(streams[0].read_text(errors="replace"), sys.stdout)
                     _forward(streams[1].read_text(errors="replace"), sys.stderr)
         if outcome is None:
-            pytest.fail(_crash_message(process, self._item.nodeid), pytrace=False)
+            _fail_crashed(process, self._item.nodeid)
         _replay(outcome)
         if not outcome.passed:
             _raise(outcome, self._item)
@@ -240,6 +242,23 @@ def _receive(
             return None
 
 
+def _dump_stacks(process: BaseProcess) -> None:
+    """Ask a child we are giving up on (a timeout, ^C) to print every thread's stack."""
+    if _child.DUMP_SIGNAL is None or process.pid is None or not process.is_alive():
+        return
+    try:
+        print(
+            f"pytest-concur: the child process (pid {process.pid}) was still running; "
+            "its threads' stacks follow:",
+            file=sys.stderr,
+            flush=True,
+        )
+        os.kill(process.pid, _child.DUMP_SIGNAL)
+    except OSError:
+        return
+    time.sleep(0.2)  # faulthandler writes from a signal handler; give it a moment
+
+
 def _stop(process: BaseProcess) -> None:
     """End the child however it is doing: SIGTERM, a grace period, SIGKILL; then reap it."""
     if process.is_alive():
@@ -248,6 +267,12 @@ def _stop(process: BaseProcess) -> None:
         if process.is_alive():
             process.kill()
     process.join()
+
+
+def _fail_crashed(process: BaseProcess, nodeid: str) -> NoReturn:
+    # Not hidden from tracebacks: pytest notes when every entry is hidden, even for a
+    # failure without a traceback.
+    pytest.fail(_crash_message(process, nodeid), pytrace=False)
 
 
 def _crash_message(process: BaseProcess, nodeid: str) -> str:

@@ -11,4 +11,19 @@ from pytest_concur._backends.base import Check
 
 @pytest.hookimpl(trylast=True)
 def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
-    return []
+    from pytest_concur._checks import _allow
+    from pytest_concur._checks.deadlock import DeadlockCheck
+    from pytest_concur._checks.processes import ProcessesCheck
+    from pytest_concur._checks.tasks import TasksCheck
+    from pytest_concur._checks.threads import ThreadsCheck
+
+    _allow.from_ini(config)  # a bad ini key is a usage error now, not in the first test
+    # Watches begin in this order and end in the reverse one. The deadlock check goes first:
+    # its Thread.start stands in for the real one, so the leak checks' wrappers go on top of
+    # it, and it unblocks deadlocked threads before the leak checks look for leftovers.
+    return [
+        DeadlockCheck(config),
+        ThreadsCheck(config),
+        TasksCheck(config),
+        ProcessesCheck(config),
+    ]

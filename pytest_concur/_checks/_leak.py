@@ -1,0 +1,66 @@
+"""What the three leak checks (threads, tasks, processes) share: the check and watch shells.
+
+Each check records what the body starts while it runs (a ``Recording``: installed in
+``begin``, removed by ``close``) and judges it when the body ends (``verdict``). The shells
+here do the rest the same way for all three: the per-test allow-list, turning a check off,
+and always closing the recording.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Protocol
+
+import pytest
+
+from pytest_concur._checks import _allow
+
+
+class Recording(Protocol):
+    def close(self) -> None:
+        """Undo what recording installed (wrappers, hooks); called once, always."""
+
+
+class LeakWatch:
+    """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    def __init__(self, allow: _allow.Allow, grace: float) -> None:
+        self.allow = allow
+        self.grace = grace
+        self._state: Recording | None = None
+
+    def record(self) -> Recording:
+        """Start recording what the body starts."""
+        raise NotImplementedError
+
+    def verdict(self, state: Recording) -> str | None:
+        """A report of what was left behind or went wrong, or None; cleans up what it can."""
+        raise NotImplementedError
+
+    def begin(self) -> None:
+        self._state = self.record()
+
+    def end(self, failed: bool) -> str | None:
+        state, self._state = self._state, None
+        if state is None:
+            return None
+        try:
+            return self.verdict(state)
+        finally:
+            state.close()
+
+
+class LeakCheck:
+    """A check that makes one ``watch_type`` watch per body, unless the test turned it off."""
+
+    name: str
+    description: str
+    watch_type: ClassVar[type[LeakWatch]]
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._grace = _allow.grace(config)
+
+    def watch(self, item: pytest.Item) -> LeakWatch | None:
+        allow = _allow.for_item(item)
+        if self.name in allow.checks_off:
+            return None
+        return self.watch_type(allow, self._grace)

@@ -1,0 +1,416 @@
+"""The ``processes`` check: child processes and process pools the body leaves behind.
+
+Design. From ``begin`` to ``end`` (where the body runs), and restored in ``end`` whatever
+happens, these are wrapped to record what the body starts and where:
+
+- ``multiprocessing.process.BaseProcess.start``: each process, with its target wrapped so
+  that an exception in the child leaves its formatted traceback in a file the parent reads
+  (the child's own stderr only says it to whoever reads the captured output);
+- ``BaseProcess.exitcode``: reading it counts as having checked the exit status;
+- ``subprocess.Popen.__init__``: each command started;
+- ``multiprocessing.pool.Pool.__init__`` and ``ProcessPoolExecutor.__init__``: each pool.
+
+At ``end``: a process still alive after the grace period (``concur_leak_grace``) is a leak;
+it is sent SIGTERM, then SIGKILL, and reaped. One that exited with an error (a positive exit
+code) that nobody looked at (a ``Process`` whose ``exitcode`` was never read, a ``Popen``
+never waited for) fails the test with the child's traceback when there is one. A pool never
+closed or shut down is reported and terminated; its workers are the pool's, not reported
+one by one (nor are its helper threads, by the ``threads`` check).
+
+Invariant: the recording state is only touched under its own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import tempfile
+import threading
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, final
+
+from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+
+if TYPE_CHECKING:
+    import subprocess
+    from multiprocessing.process import BaseProcess
+
+NAME = "processes"
+# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
+# tracked one during the body, and our own bookkeeping must not be tracked.
+_real_lock = threading.Lock
+# How long a leaked child gets between SIGTERM and SIGKILL.
+_TERMINATE_GRACE = 1.0
+# Targets of pool workers: the pool is reported, not each of its workers.
+_POOL_WORKER_MODULES = ("multiprocessing.pool", "concurrent.futures.process")
+
+
+@final
+class ProcessesCheck(LeakCheck):
+    """Child processes and pools started by the body are over, and their errors seen."""
+
+    name = NAME
+    description = (
+        "child processes and process pools the body starts end with it, and their errors are seen"
+    )
+
+
+@final
+class ProcessesWatch(LeakWatch):
+    """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    def record(self) -> _Recording:
+        return _Recording()
+
+    def verdict(self, state: Recording) -> str | None:
+        assert isinstance(state, _Recording)
+        with state.lock:
+            children = list(state.children)
+            pools = list(state.pools)
+        problems: list[str] = []
+        open_pools = [
+            (pool, site)
+            for pool, site in pools
+            if _pool_is_open(pool) and not self.allow.allows(NAME, (type(pool).__name__,), site)
+        ]
+        if open_pools:
+            problems.append(_close_pools(open_pools, self.grace))
+        children = [child for child in children if not child.pool_worker]
+        for child in children:
+            child.snapshot()
+        settle(lambda: any(child.alive() for child in children), self.grace)
+        leaked = [
+            child
+            for child in children
+            if child.alive() and not self.allow.allows(NAME, child.names(), child.site)
+        ]
+        if leaked:
+            problems.append(_leak_report(leaked))
+        with state.lock:
+            checked = set(state.checked)
+        for child in children:
+            if child in leaked:
+                continue
+            problem = child.unchecked_error(checked)
+            if problem:
+                problems.append(problem)
+        for child in children:
+            child.forget()
+        return "\n\n".join(problems) or None
+
+
+@final
+class _Traced:
+    """A process target that leaves the traceback of its exception where the parent reads it."""
+
+    def __init__(self, target: Callable[..., Any], path: str) -> None:
+        self.target = target
+        self.path = path
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self.target(*args, **kwargs)
+        except SystemExit:
+            raise
+        except BaseException as exc:
+            with contextlib.suppress(OSError), open(self.path, "w") as file:
+                tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+                file.write("".join(traceback.format_exception(type(exc), exc, tb)))
+            raise
+
+
+class _Child:
+    """A process the body started: a multiprocessing process or a Popen."""
+
+    def __init__(
+        self,
+        process: BaseProcess | None,
+        popen: subprocess.Popen[Any] | None,
+        target: str,
+        site: Site,
+        traceback_path: str | None,
+    ) -> None:
+        self.process = process
+        self.popen = popen
+        self.target = target
+        self.site = site
+        self.traceback_path = traceback_path
+        self.pool_worker = False
+        # Whether the test itself reaped the Popen (wait, communicate, poll): looked at first,
+        # before this check's own polling reaps it.
+        self.reaped_by_test = False
+
+    def snapshot(self) -> None:
+        if self.popen is not None:
+            self.reaped_by_test = self.popen.returncode is not None
+
+    def alive(self) -> bool:
+        if self.process is not None:
+            if getattr(self.process, "_popen", None) is None:
+                return False
+            try:
+                return self.process.is_alive()
+            except ValueError:  # the test closed it: it had ended
+                return False
+        assert self.popen is not None
+        return self.popen.poll() is None
+
+    def names(self) -> tuple[str, ...]:
+        if self.process is not None:
+            return (self.process.name, self.target)
+        return (self.target,)
+
+    def describe(self) -> str:
+        if self.process is not None:
+            return f"Process {self.process.name!r} (pid {self.process.pid}, target={self.target})"
+        assert self.popen is not None
+        return f"Process {self.target!r} (pid {self.popen.pid})"
+
+    def stop(self) -> None:
+        """SIGTERM, a moment, SIGKILL; then reap."""
+        if self.process is not None:
+            process = self.process
+            process.terminate()
+            process.join(_TERMINATE_GRACE)
+            if process.is_alive():
+                process.kill()
+            process.join()
+            return
+        assert self.popen is not None
+        popen = self.popen
+        popen.terminate()
+        try:
+            popen.wait(_TERMINATE_GRACE)
+        except Exception:
+            popen.kill()
+            popen.wait()
+
+    def unchecked_error(self, checked: set[int]) -> str | None:
+        """A report of an error exit nobody looked at, or None."""
+        if self.process is not None:
+            code = _exitcode(self.process)
+            if code is None or code <= 0 or id(self.process) in checked:
+                return None
+            how = f"exited with code {code} and nobody checked its exitcode"
+        else:
+            assert self.popen is not None
+            if self.reaped_by_test:
+                return None
+            code = self.popen.poll()  # reaps it
+            if code is None or code <= 0:
+                return None
+            how = f"exited with code {code} and nobody waited for it"
+        text = self._traceback()
+        detail = (
+            f"\n{text.rstrip()}"
+            if text
+            else "\n  Its traceback or message, if it printed one, is in the captured output."
+        )
+        return f"pytest-concur: child {self.describe()} started at {self.site} {how}{detail}"
+
+    def _traceback(self) -> str:
+        if self.traceback_path is None:
+            return ""
+        try:
+            with open(self.traceback_path) as file:
+                return file.read()
+        except OSError:
+            return ""
+
+    def forget(self) -> None:
+        if self.traceback_path is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.traceback_path)
+
+
+class _Recording:
+    """The hooks of one watch, and what they saw."""
+
+    def __init__(self) -> None:
+        import concurrent.futures.process
+        import multiprocessing.pool
+        import multiprocessing.process
+        import subprocess
+
+        self.lock = _real_lock()
+        self.active = True
+        self.children: list[_Child] = []
+        self.pools: list[tuple[Any, Site]] = []
+        # ids of the processes whose exitcode the test read.
+        self.checked: set[int] = set()
+        self._watched: set[int] = set()
+        self._restore: list[Callable[[], None]] = []
+
+        base = multiprocessing.process.BaseProcess
+        original_start = base.start
+
+        def start(process: BaseProcess) -> None:
+            if self._is_active():
+                self._record_process(process)
+            original_start(process)
+
+        self._patch(base, "start", start)
+
+        exitcode = base.__dict__["exitcode"]
+
+        def read_exitcode(process: BaseProcess) -> int | None:
+            code: int | None = exitcode.fget(process)
+            if code is not None:
+                with self.lock:
+                    if self.active and id(process) in self._watched:
+                        self.checked.add(id(process))
+            return code
+
+        self._patch(base, "exitcode", property(read_exitcode))
+
+        popen_class = subprocess.Popen
+        original_popen_init = popen_class.__init__
+
+        def popen_init(popen: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+            original_popen_init(popen, *args, **kwargs)
+            if self._is_active():
+                self._record_popen(popen)
+
+        self._patch(popen_class, "__init__", popen_init)
+
+        for pool_class in (
+            multiprocessing.pool.Pool,
+            concurrent.futures.process.ProcessPoolExecutor,
+        ):
+            self._patch(pool_class, "__init__", self._pool_init(pool_class.__init__))
+
+    def _patch(self, owner: type, name: str, replacement: Any) -> None:
+        original = owner.__dict__[name]
+        setattr(owner, name, replacement)
+
+        def restore() -> None:
+            if owner.__dict__.get(name) is replacement:
+                setattr(owner, name, original)
+
+        self._restore.append(restore)
+
+    def _pool_init(self, original: Callable[..., None]) -> Callable[..., None]:
+        def init(pool: Any, *args: Any, **kwargs: Any) -> None:
+            original(pool, *args, **kwargs)
+            if self._is_active():
+                site = here()
+                with self.lock:
+                    self.pools.append((pool, site))
+
+        return init
+
+    def _is_active(self) -> bool:
+        with self.lock:
+            return self.active
+
+    def _record_process(self, process: BaseProcess) -> None:
+        target = getattr(process, "_target", None)
+        module = getattr(target, "__module__", None) or ""
+        pool_worker = module.startswith(_POOL_WORKER_MODULES)
+        name = callable_name(target) if target is not None else f"{type(process).__name__}.run"
+        path = None
+        if target is not None and not pool_worker:
+            path = os.path.join(
+                tempfile.gettempdir(), f"concur-{os.getpid()}-{os.urandom(6).hex()}.traceback"
+            )
+            process._target = _Traced(target, path)  # type: ignore[attr-defined]
+        child = _Child(process, None, name, here(), path)
+        child.pool_worker = pool_worker
+        with self.lock:
+            self.children.append(child)
+            self._watched.add(id(process))
+
+    def _record_popen(self, popen: subprocess.Popen[Any]) -> None:
+        args = popen.args
+        if isinstance(args, (list, tuple)):
+            command = shlex.join(os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args)
+        else:
+            command = os.fsdecode(args) if isinstance(args, bytes) else str(args)
+        if len(command) > 100:
+            command = command[:97] + "..."
+        child = _Child(None, popen, command, here(), None)
+        with self.lock:
+            self.children.append(child)
+            self._watched.add(id(popen))
+
+    def close(self) -> None:
+        """Restore every hook; one that someone wrapped after us just passes through."""
+        with self.lock:
+            self.active = False
+        for restore in reversed(self._restore):
+            restore()
+
+
+def _exitcode(process: BaseProcess) -> int | None:
+    popen: Any = getattr(process, "_popen", None)
+    return None if popen is None else popen.poll()
+
+
+def _pool_is_open(pool: Any) -> bool:
+    if hasattr(pool, "_shutdown_thread"):  # ProcessPoolExecutor
+        return not pool._shutdown_thread and bool(pool._processes)
+    return getattr(pool, "_state", None) == "RUN"  # multiprocessing.pool.RUN
+
+
+def _close_pools(pools: list[tuple[Any, Site]], grace: float) -> str:
+    lines = [f"pytest-concur: the test left {plural(len(pools), 'process pool')} open"]
+    for pool, site in pools:
+        kind = type(pool).__name__
+        if hasattr(pool, "_shutdown_thread"):
+            workers = list((pool._processes or {}).values())
+            lines.append(
+                f"  {kind} with {plural(len(workers), 'worker process', 'worker processes')} "
+                f"created at {site} was never shut down"
+            )
+            with contextlib.suppress(Exception):
+                pool.shutdown(wait=False, cancel_futures=True)
+            settle(lambda: any(w.is_alive() for w in workers), grace)  # noqa: B023
+            for worker in workers:
+                if worker.is_alive():
+                    _stop_process(worker)
+        else:
+            count = len(getattr(pool, "_pool", ()))
+            if kind == "ThreadPool":
+                workers_text = plural(count, "worker thread")
+            else:
+                workers_text = plural(count, "worker process", "worker processes")
+            lines.append(f"  {kind} with {workers_text} created at {site} was never closed")
+            with contextlib.suppress(Exception):
+                pool.terminate()
+    lines.append(
+        f"  pytest-concur terminated {'it' if len(pools) == 1 else 'them'}. Use the pool as a "
+        "context manager "
+        "(with Pool() as pool: ...), or close and join it (shutdown() for an executor)."
+    )
+    return "\n".join(lines)
+
+
+def _stop_process(process: BaseProcess) -> None:
+    process.terminate()
+    process.join(_TERMINATE_GRACE)
+    if process.is_alive():
+        process.kill()
+    process.join()
+
+
+def _leak_report(leaked: list[_Child]) -> str:
+    lines = [
+        f"pytest-concur: the test left "
+        f"{plural(len(leaked), 'child process', 'child processes')} running"
+    ]
+    for child in leaked:
+        lines.append(f"  {child.describe()} started at {child.site}")
+        child.stop()
+    name = leaked[0].names()[0]
+    lines.append(
+        f"  pytest-concur stopped {'it' if len(leaked) == 1 else 'them'} (SIGTERM, then "
+        f"SIGKILL after {_TERMINATE_GRACE:g} s). Join or wait for every process the test "
+        f'starts, or allow it: @pytest.mark.concur_allow(processes=["{name}"]).'
+    )
+    return "\n".join(lines)
+
+
+ProcessesCheck.watch_type = ProcessesWatch

@@ -1,0 +1,288 @@
+"""The ``tasks`` check: asyncio tasks, coroutines and event loops the body leaves behind.
+
+Design. ``begin`` and ``end`` run where the body runs: inside the event loop for an async
+body and for every body under the ``asyncio`` backend, in a plain thread otherwise. From
+``begin`` to ``end``, and restored in ``end`` whatever happens:
+
+- the running loop, if any, gets a task factory that records each task created on it (and
+  where), chaining to the factory it had;
+- ``asyncio.BaseEventLoop.__init__`` is wrapped to record each loop the body creates, which
+  gets the same recording task factory (so tasks of ``asyncio.run`` inside a sync body are
+  seen too);
+- ``warnings._warn_unawaited_coroutine``, which CPython calls when a coroutine that never
+  ran is destroyed, records it instead of warning (the warning would otherwise surface in
+  whichever test happens to be running, or be lost); coroutine origin tracking is turned
+  on in the body's thread so the report can say where the coroutine was created.
+
+At ``end``: a recorded task still pending is a leak (``end`` runs inside the loop, so
+nothing could finish while we waited: there is no grace period for tasks); it is
+cancelled. A task that ended with an exception nobody retrieved is reported with its
+traceback, and marked retrieved so asyncio does not log it again at garbage collection. A
+loop the body created and did not close is reported and closed (if it no longer runs).
+
+Invariant: the recording state is only touched under its own lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import traceback
+import warnings
+import weakref
+from typing import TYPE_CHECKING, Any, final
+
+from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+from pytest_concur._checks._where import Site, from_origin, here, plural, settle
+
+if TYPE_CHECKING:
+    import asyncio
+
+NAME = "tasks"
+# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
+# tracked one during the body, and our own bookkeeping must not be tracked.
+_real_lock = threading.Lock
+# CPython looks this function up in the warnings module when a coroutine is destroyed
+# unawaited (Python/_warnings.c, _PyErr_WarnUnawaitedCoroutine).
+_UNAWAITED_HOOK = "_warn_unawaited_coroutine"
+# Frames kept of a coroutine's creation; only in the body's thread, only during the body.
+_ORIGIN_DEPTH = 16
+
+
+@final
+class TasksCheck(LeakCheck):
+    """Tasks are done when the body returns, and none of their exceptions is lost."""
+
+    name = NAME
+    description = (
+        "asyncio tasks are done when the body returns, their exceptions seen, coroutines "
+        "awaited, event loops closed"
+    )
+
+
+@final
+class TasksWatch(LeakWatch):
+    """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    def record(self) -> _Recording:
+        return _Recording()
+
+    def verdict(self, state: Recording) -> str | None:
+        assert isinstance(state, _Recording)
+        with state.lock:
+            tasks = list(state.tasks)
+            coroutines = list(state.coroutines)
+            loops = list(state.loops)
+        problems: list[str] = []
+        pending = [
+            (task, site)
+            for task, site in tasks
+            if not task.done()
+            and not self.allow.allows(NAME, (task.get_name(), _coroutine_name(task)), site)
+        ]
+        if pending:
+            problems.append(_pending_report(pending))
+        for task, site in tasks:
+            if task.done() and not task.cancelled() and getattr(task, "_log_traceback", False):
+                exc = task.exception()  # marks it retrieved: asyncio will not log it again
+                assert exc is not None
+                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                problems.append(
+                    f"pytest-concur: task {task.get_name()!r} "
+                    f"(coroutine={_coroutine_name(task)}) created at {site} raised an "
+                    f"exception that nobody retrieved\n{text.rstrip()}"
+                )
+        for name, site in coroutines:
+            created = f", created at {site}" if site.frames else ""
+            problems.append(
+                f"pytest-concur: coroutine {name!r} was never awaited{created}\n"
+                "  Await it, or hand it to asyncio.create_task() and await the task."
+            )
+        open_loops = self._open_loops(loops)
+        if open_loops:
+            problems.append(open_loops)
+        return "\n\n".join(problems) or None
+
+    def _open_loops(self, recorded: list[tuple[weakref.ref[Any], Site]]) -> str | None:
+        loops = [(loop, site) for ref, site in recorded if (loop := ref()) is not None]
+        settle(lambda: any(loop.is_running() for loop, _ in loops), self.grace)
+        left = [(loop, site) for loop, site in loops if not loop.is_closed()]
+        if not left:
+            return None
+        lines = [f"pytest-concur: the test left {plural(len(left), 'event loop')} open"]
+        for loop, site in left:
+            running = loop.is_running()
+            lines.append(
+                f"  {type(loop).__name__} created at {site}"
+                + (" (still running in another thread, left alone)" if running else "")
+            )
+            if not running:
+                _close_loop(loop)
+        lines.append(
+            "  pytest-concur closed what no longer ran. Close every loop you create, or let "
+            "asyncio.run() or asyncio.Runner do it."
+        )
+        return "\n".join(lines)
+
+
+class _Recording:
+    """The hooks of one watch, and what they saw."""
+
+    def __init__(self) -> None:
+        import asyncio
+        import asyncio.base_events
+
+        self.lock = _real_lock()
+        self.active = True
+        self.tasks: list[tuple[asyncio.Task[Any], Site]] = []
+        self.coroutines: list[tuple[str, Site]] = []
+        self.loops: list[tuple[weakref.ref[Any], Site]] = []
+        self._restore: list[Any] = []
+
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None:
+            previous_factory = loop.get_task_factory()
+            factory = self._factory(previous_factory)
+            loop.set_task_factory(factory)
+
+            def restore_factory() -> None:
+                if loop.get_task_factory() is factory and not loop.is_closed():
+                    loop.set_task_factory(previous_factory)
+
+            self._restore.append(restore_factory)
+
+        base = asyncio.base_events.BaseEventLoop
+        original_init = base.__init__
+        record_loop = self._record_loop
+
+        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(loop, *args, **kwargs)
+            record_loop(loop)
+
+        base.__init__ = init  # type: ignore[method-assign, assignment]
+
+        def restore_init() -> None:
+            if base.__init__ is init:
+                base.__init__ = original_init  # type: ignore[method-assign]
+
+        self._restore.append(restore_init)
+
+        original_warn = getattr(warnings, _UNAWAITED_HOOK, None)
+        if original_warn is not None:
+
+            def warn(coro: Any) -> None:
+                with self.lock:
+                    if self.active:
+                        name = getattr(coro, "__qualname__", None) or repr(coro)
+                        self.coroutines.append(
+                            (name, from_origin(getattr(coro, "cr_origin", None)))
+                        )
+                        return
+                original_warn(coro)
+
+            setattr(warnings, _UNAWAITED_HOOK, warn)
+
+            def restore_warn() -> None:
+                if getattr(warnings, _UNAWAITED_HOOK, None) is warn:
+                    setattr(warnings, _UNAWAITED_HOOK, original_warn)
+
+            self._restore.append(restore_warn)
+
+        depth = sys.get_coroutine_origin_tracking_depth()
+        if depth < _ORIGIN_DEPTH:
+            sys.set_coroutine_origin_tracking_depth(_ORIGIN_DEPTH)
+            # Per thread: end runs in the same thread as begin.
+            self._restore.append(lambda: sys.set_coroutine_origin_tracking_depth(depth))
+
+    def _factory(self, previous: Any) -> Any:
+        import asyncio
+
+        def factory(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> Any:
+            if previous is not None:
+                task = previous(loop, coro, **kwargs)
+            else:
+                task = asyncio.Task(coro, loop=loop, **kwargs)
+            with self.lock:
+                active = self.active
+            if active and isinstance(task, asyncio.Task):
+                site = here()
+                with self.lock:
+                    self.tasks.append((task, site))
+            return task
+
+        return factory
+
+    def _record_loop(self, loop: Any) -> None:
+        with self.lock:
+            if not self.active:
+                return
+        site = here()
+        with self.lock:
+            self.loops.append((weakref.ref(loop), site))
+        loop.set_task_factory(self._factory(None))
+
+    def close(self) -> None:
+        """Restore every hook; one that someone wrapped after us just passes through."""
+        with self.lock:
+            self.active = False
+        for restore in reversed(self._restore):
+            restore()
+
+
+def _coroutine_name(task: asyncio.Task[Any]) -> str:
+    coro = task.get_coro()
+    return str(getattr(coro, "__qualname__", None) or coro)
+
+
+def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]]) -> str:
+    lines = [f"pytest-concur: the test left {plural(len(pending), 'task')} pending"]
+    for task, site in pending:
+        lines.append(
+            f"  Task {task.get_name()!r} (coroutine={_coroutine_name(task)}) created at {site}"
+        )
+        loop = task.get_loop()
+        try:
+            if loop.is_closed():
+                with contextlib.suppress(AttributeError):
+                    task._log_destroy_pending = False  # type: ignore[attr-defined]
+            elif loop.is_running() and _running_loop() is not loop:
+                loop.call_soon_threadsafe(task.cancel)
+            else:
+                task.cancel()
+        except RuntimeError:  # pragma: no cover - the loop closed meanwhile
+            pass
+    lines.append(
+        "  pytest-concur cancelled "
+        + ("it" if len(pending) == 1 else "them")
+        + ". Await every task the test creates (asyncio.TaskGroup does it for you), or "
+        "cancel it and await it before the test returns."
+    )
+    return "\n".join(lines)
+
+
+def _running_loop() -> Any:
+    import asyncio
+
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _close_loop(loop: Any) -> None:
+    import asyncio
+
+    for task in asyncio.all_tasks(loop):
+        # Cancelled, but the closed loop will never run them: no log of their destruction.
+        task.cancel()
+        with contextlib.suppress(AttributeError):
+            task._log_destroy_pending = False  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        loop.close()
+
+
+TasksCheck.watch_type = TasksWatch

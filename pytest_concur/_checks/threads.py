@@ -1,0 +1,265 @@
+"""The ``threads`` check: threads the body started are over when it returns, and their
+exceptions are seen.
+
+Design. From ``begin`` to ``end`` (where the body runs: the backend's thread, the event
+loop's thread, the child process) two process-wide hooks are in place, both restored in
+``end`` whatever happens:
+
+- ``threading.Thread.start`` is wrapped to record each thread started by the body's thread
+  or, transitively, by a thread the body started, with the user's frames of the start call.
+  Threads that were running before ``begin`` (fixtures', the harness's) and threads started
+  by them are never recorded, so they are never reported.
+- ``threading.excepthook`` records the exceptions of recorded threads, formatted where they
+  happen, and hands every other thread's exception to the hook that was there before.
+
+At ``end``, recorded threads still alive are given the grace period (``concur_leak_grace``)
+to finish; those still running then are reported. Python cannot stop a thread, so they are
+left running, except the workers of a ``ThreadPoolExecutor`` the body never shut down:
+the executor is shut down, which ends its idle workers. Workers of the running loop's
+default executor belong to the loop, which its owner shuts down when it closes it; threads
+of process pools and multiprocessing queues belong to the ``processes`` check.
+
+Invariant: the recording state is only touched under its own lock; the GIL is not relied on.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import traceback
+import weakref
+from typing import Any, final
+
+from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+
+NAME = "threads"
+# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
+# tracked one during the body, and our own bookkeeping must not be tracked.
+_real_lock = threading.Lock
+
+
+@final
+class ThreadsCheck(LeakCheck):
+    """Threads started by the body are finished when it returns; their exceptions fail it."""
+
+    name = NAME
+    description = "threads the body starts end with it, and their exceptions are not lost"
+
+
+@final
+class ThreadsWatch(LeakWatch):
+    """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    def record(self) -> _Recording:
+        return _Recording()
+
+    def verdict(self, state: Recording) -> str | None:
+        assert isinstance(state, _Recording)
+        ignored = _loop_executor()
+        leaked, pools = _running(state, ignored)
+        if leaked:
+            settle(lambda: any(t.is_alive() for t, _ in leaked), self.grace)
+            leaked, pools = _running(state, ignored)
+        problems = []
+        leaked = [
+            (t, r) for t, r in leaked if not self.allow.allows(NAME, (t.name, r.target), r.site)
+        ]
+        if leaked:
+            problems.append(_leak_report(leaked))
+        open_pools = [
+            (executor, workers)
+            for executor, workers in pools.items()
+            if not all(self.allow.allows(NAME, (t.name, r.target), r.site) for t, r in workers)
+        ]
+        if open_pools:
+            problems.append(self._close_pools(open_pools))
+        with state.lock:
+            errors = list(state.errors)
+        problems.extend(
+            f"pytest-concur: an exception was raised in thread {name!r} started at {site} "
+            f"(nobody joined it to see it)\n{text.rstrip()}"
+            for name, site, text in errors
+        )
+        return "\n\n".join(problems) or None
+
+    def _close_pools(self, pools: list[tuple[Any, list[tuple[threading.Thread, _Started]]]]) -> str:
+        lines = [f"pytest-concur: the test left {plural(len(pools), 'thread pool')} open"]
+        stuck: list[threading.Thread] = []
+        for executor, workers in pools:
+            first = workers[0][1]
+            prefix = workers[0][0].name.rsplit("_", 1)[0]
+            lines.append(
+                f"  {type(executor).__name__} {prefix!r} with "
+                f"{plural(len(workers), 'worker thread')}, first used at {first.site}, "
+                "was never shut down"
+            )
+            try:
+                executor.shutdown(wait=False, cancel_futures=True)
+            except Exception as exc:  # pragma: no cover - a broken executor subclass
+                lines.append(f"  (shutting it down failed: {exc!r})")
+            stuck.extend(t for t, _ in workers)
+        settle(lambda: any(t.is_alive() for t in stuck), self.grace)
+        still = [t.name for t in stuck if t.is_alive()]
+        lines.append(
+            "  pytest-concur shut it down (pending work cancelled). Use the executor as a "
+            "context manager (with ThreadPoolExecutor() as pool: ...) or call shutdown()."
+        )
+        if still:
+            lines.append(
+                f"  Still busy and left running: {', '.join(still)} (a worker cannot be "
+                "stopped while its task runs)."
+            )
+        return "\n".join(lines)
+
+
+@final
+class _Started:
+    __slots__ = ("site", "target")
+
+    def __init__(self, target: str, site: Site) -> None:
+        self.target = target
+        self.site = site
+
+
+class _Recording:
+    """The process-wide hooks of one watch, and what they saw."""
+
+    def __init__(self) -> None:
+        self.lock = _real_lock()
+        self.active = True
+        # The body's thread and every thread started from the family: the threads whose
+        # children are recorded.
+        self.family: set[threading.Thread] = {threading.current_thread()}
+        self.started: dict[threading.Thread, _Started] = {}
+        self.errors: list[tuple[str, Site, str]] = []
+        self._original_start = original_start = threading.Thread.start
+        self._previous_hook = previous_hook = threading.excepthook
+
+        def start(thread: threading.Thread) -> None:
+            if self.active:
+                self._record(thread)
+            original_start(thread)
+
+        def excepthook(args: threading.ExceptHookArgs) -> None:
+            with self.lock:
+                started = self.started.get(args.thread) if args.thread is not None else None
+                active = self.active
+            if started is None or not active or _is_deadlock_error(args.exc_value):
+                previous_hook(args)
+                return
+            text = "".join(
+                traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+            )
+            name = args.thread.name if args.thread is not None else "?"
+            with self.lock:
+                self.errors.append((name, started.site, text))
+
+        self._start = start
+        self._hook = excepthook
+        threading.Thread.start = start  # type: ignore[method-assign, assignment]
+        threading.excepthook = excepthook
+
+    def _record(self, thread: threading.Thread) -> None:
+        with self.lock:
+            if threading.current_thread() not in self.family:
+                return
+        target = getattr(thread, "_target", None)
+        name = callable_name(target) if target is not None else f"{type(thread).__qualname__}.run"
+        started = _Started(name, here(sys._getframe(2)))
+        with self.lock:
+            self.family.add(thread)
+            self.started[thread] = started
+
+    def threads(self) -> list[tuple[threading.Thread, _Started]]:
+        with self.lock:
+            return list(self.started.items())
+
+    def close(self) -> None:
+        """Restore the hooks; if someone wrapped them after us, ours just pass through."""
+        with self.lock:
+            self.active = False
+        if threading.Thread.start is self._start:
+            threading.Thread.start = self._original_start  # type: ignore[method-assign]
+        if threading.excepthook is self._hook:
+            threading.excepthook = self._previous_hook
+
+
+def _running(
+    state: _Recording, ignored: object
+) -> tuple[
+    list[tuple[threading.Thread, _Started]],
+    dict[Any, list[tuple[threading.Thread, _Started]]],
+]:
+    """Recorded threads still alive: plain ones, and workers of executors left open."""
+    leaked: list[tuple[threading.Thread, _Started]] = []
+    pools: dict[Any, list[tuple[threading.Thread, _Started]]] = {}
+    for thread, started in state.threads():
+        if not thread.is_alive() or _belongs_to_processes(thread):
+            continue
+        executor = _executor_of(thread)
+        if executor is not None and executor is ignored:
+            continue
+        if executor is not None and not getattr(executor, "_shutdown", False):
+            # An executor nobody shut down keeps its idle workers forever: no use waiting.
+            pools.setdefault(executor, []).append((thread, started))
+        else:
+            leaked.append((thread, started))
+    return leaked, pools
+
+
+def _is_deadlock_error(exc: BaseException | None) -> bool:
+    # The deadlock check raises it in threads to unblock them, and reports the deadlock
+    # itself; the hook it installed before ours keeps quiet about it.
+    return type(exc).__name__ == "DeadlockError" and type(exc).__module__ == "pytest_concur._locks"
+
+
+def _belongs_to_processes(thread: threading.Thread) -> bool:
+    # Handler threads of multiprocessing.Pool, feeder threads of multiprocessing queues and
+    # ProcessPoolExecutor's manager live as long as their pool: the processes check reports
+    # the pool.
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) or type(thread).__module__
+    return module.startswith(("multiprocessing", "concurrent.futures.process"))
+
+
+def _executor_of(thread: threading.Thread) -> Any:
+    """The ThreadPoolExecutor a worker thread serves, if it is one and it still exists."""
+    target = getattr(thread, "_target", None)
+    if getattr(target, "__module__", None) != "concurrent.futures.thread":
+        return None
+    args = getattr(thread, "_args", ())
+    reference = args[0] if args else None
+    return reference() if isinstance(reference, weakref.ref) else None
+
+
+def _loop_executor() -> object:
+    """The default executor of the loop running in this thread: its owner closes it."""
+    if "asyncio" not in sys.modules:
+        return None
+    import asyncio
+
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+    return getattr(loop, "_default_executor", None)
+
+
+def _leak_report(leaked: list[tuple[threading.Thread, _Started]]) -> str:
+    lines = [f"pytest-concur: the test left {plural(len(leaked), 'thread')} running"]
+    for thread, started in leaked:
+        daemon = ", daemon" if thread.daemon else ""
+        lines.append(
+            f"  Thread {thread.name!r} (target={started.target}{daemon}) started at {started.site}"
+        )
+    them, are = ("it", "it is") if len(leaked) == 1 else ("them", "they are")
+    lines.append(
+        f"  Python cannot stop a thread from outside, so {are} left running. Make the test "
+        f"stop and join {them}, or allow {them}: "
+        f'@pytest.mark.concur_allow(threads=["{leaked[0][0].name}"]).'
+    )
+    return "\n".join(lines)
+
+
+ThreadsCheck.watch_type = ThreadsWatch
