@@ -36,6 +36,8 @@ def pytest_fixture_setup(
     item = request.config.stash.get(CURRENT_ITEM, None)
     if not is_async_fixture(func) or item is None or backend_of(item) is None:
         return (yield)
+    if _claimed_by_pytest_asyncio(func, request.config):
+        return (yield)
     target = _bind(func, request)
     if fixturedef.scope == "function":
         runner = item_loop(item)
@@ -47,6 +49,16 @@ def pytest_fixture_setup(
         return (yield)
     finally:
         fixturedef.func = func  # type: ignore[misc]
+
+
+def _claimed_by_pytest_asyncio(func: object, config: pytest.Config) -> bool:
+    """Whether pytest-asyncio runs this async fixture (it does in auto mode, or when marked)."""
+    if not config.pluginmanager.hasplugin("asyncio"):
+        return False
+    # pytest_asyncio.fixture marks the function so; its own check reads the same attribute.
+    if getattr(func, "_force_asyncio_fixture", False):
+        return True
+    return bool(config.getini("asyncio_mode") == "auto")
 
 
 def _bind(func: Callable[..., Any], request: pytest.FixtureRequest) -> Callable[..., Any]:
@@ -85,13 +97,22 @@ def _drive(func: Callable[..., Any], runner: LoopRunner, *, own_loop: bool) -> C
         del asyncgen_fixture.__wrapped__
         return asyncgen_fixture
 
+    if own_loop:
+        # Its loop must live as long as its value does (tasks it started keep running), so
+        # it ends with the fixture's teardown: a generator fixture, to pytest.
+        @functools.wraps(func)
+        def scoped_coroutine_fixture(*args: Any, **kwargs: Any) -> Iterator[Any]:
+            try:
+                yield runner.run(func(*args, **kwargs))
+            finally:
+                runner.close()
+
+        del scoped_coroutine_fixture.__wrapped__
+        return scoped_coroutine_fixture
+
     @functools.wraps(func)
     def coroutine_fixture(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return runner.run(func(*args, **kwargs))
-        finally:
-            if own_loop:
-                runner.close()
+        return runner.run(func(*args, **kwargs))
 
     del coroutine_fixture.__wrapped__
     return coroutine_fixture

@@ -139,9 +139,10 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _report(loop: asyncio.AbstractEventLoop) -> str:
+    body = getattr(loop, "body_task", None)
     tasks = sorted(
         (task for task in asyncio.all_tasks(loop) if not task.done()),
-        key=lambda task: task.get_name(),
+        key=lambda task: (task is not body, _coro_name(task), _task_name(task)),
     )
     lines = [
         "pytest-concur: deadlock: every task of the event loop waits, and nothing can wake "
@@ -149,25 +150,33 @@ def _report(loop: asyncio.AbstractEventLoop) -> str:
     ]
     for task in tasks:
         site, awaited = _await_point(task)
-        lines.append(f"  task {task.get_name()!r} ({_coro_name(task)}) awaits {awaited}")
+        lines.append(f"  task {_task_name(task)!r} ({_coro_name(task)}) awaits {awaited}")
         lines.append(f"    at {site}")
     for task in tasks:
         frames = _await_frames(task.get_coro())
         if not frames:
             continue
         lines.append("")
-        lines.append(f"Await chain of task {task.get_name()!r}:")
+        lines.append(f"Await chain of task {_task_name(task)!r}:")
         for frame in frames:
             code = frame.f_code
             lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
     return "\n".join(lines)
 
 
+def _task_name(task: asyncio.Task[Any]) -> str:
+    # 3.13 may leave a task unnamed (get_name() is None) until someone names it.
+    return task.get_name() or f"Task at 0x{id(task):x}"
+
+
 def _coro_name(task: asyncio.Task[Any]) -> str:
-    """The outermost user function the task runs (past pytest-concur's own wrappers)."""
-    for frame in _await_frames(task.get_coro()):
-        code = frame.f_code
-        return str(getattr(code, "co_qualname", code.co_name))
+    """The outermost user coroutine the task runs (past pytest-concur's own wrappers)."""
+    obj = task.get_coro()
+    while obj is not None:
+        frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
+        if frame is not None and not frame.f_code.co_filename.startswith(_locks._PACKAGE):
+            return str(getattr(obj, "__qualname__", None) or frame.f_code.co_name)
+        obj = getattr(obj, "cr_await", None) or getattr(obj, "gi_yieldfrom", None)
     coro = task.get_coro()
     return str(getattr(coro, "__qualname__", None) or type(coro).__name__)
 
@@ -199,11 +208,11 @@ def _await_point(task: asyncio.Task[Any]) -> tuple[str, str]:
     # way to see it; without it we say less, nothing breaks.
     waiter = getattr(task, "_fut_waiter", None)
     if isinstance(waiter, asyncio.Task):
-        return site, f"task {waiter.get_name()!r}"
+        return site, f"task {_task_name(waiter)!r}"
     children = getattr(waiter, "_children", None)
     if children:
         names = ", ".join(
-            repr(child.get_name()) for child in children if hasattr(child, "get_name")
+            repr(_task_name(child)) for child in children if isinstance(child, asyncio.Task)
         )
         return site, f"gather() of tasks {names}" if names else "gather()"
     if isinstance(waiter, (asyncio.Future, Future)):

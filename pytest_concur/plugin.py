@@ -154,6 +154,21 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     )
 
 
+def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
+    # Backends parametrize test functions; unittest.TestCase methods are collected another
+    # way and run as they are. Say so rather than let --concur-backends look like it did
+    # something it did not.
+    if _marker.default_selection(config) is None:
+        return None
+    plain = sum(1 for item in items if type(item).__name__ == "TestCaseFunction")
+    if not plain:
+        return None
+    return (
+        f"pytest-concur: {plain} unittest.TestCase test(s) run plainly: backends apply to "
+        "pytest-style test functions and methods"
+    )
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     config = item.config
@@ -209,6 +224,7 @@ def pytest_runtest_makereport(
 
 @pytest.hookimpl(wrapper=True, trylast=True)
 def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
     try:
         yield
     finally:

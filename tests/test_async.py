@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
@@ -250,3 +252,79 @@ def test_timeout_applies_to_the_thread_backend(pytester: pytest.Pytester) -> Non
     result.stdout.fnmatch_lines(["*Failed: Timeout*0.3s*"])
     # pytest-timeout's dump of every stack shows where the body hangs in its thread.
     result.stdout.fnmatch_lines(["*in test_slow", "    time.sleep(2)"])
+
+
+def test_wider_scoped_coroutine_fixture_keeps_its_loop(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        @pytest.fixture(scope="module")
+        async def background():
+            return asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.concur_allow(tasks=["*"])
+        def test_loop_still_open(background):
+            assert not background.get_loop().is_closed()
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_pytest_asyncio_fixtures_stay_with_pytest_asyncio(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pytest_asyncio")
+    monkeypatch.delenv("PYTEST_ADDOPTS")
+    pytester.makeini(
+        "[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+        import pytest_asyncio
+
+        @pytest_asyncio.fixture(scope="module", loop_scope="module")
+        async def fixture_loop():
+            return asyncio.get_running_loop()
+
+        def test_sync_uses_fixture(fixture_loop):
+            assert fixture_loop is not None
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_async_same_loop(fixture_loop):
+            assert fixture_loop is asyncio.get_running_loop()
+        """
+    )
+    pytester.runpytest("--concur-backends=thread").assert_outcomes(passed=2)
+
+
+def test_timeout_under_the_thread_backend_says_where_the_body_is(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3, method="signal")
+        def test_slow():
+            time.sleep(5)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:faulthandler", timeout=60)
+    result.assert_outcomes(failed=1)
+    if sys.version_info >= (3, 11):
+        result.stdout.fnmatch_lines(
+            [
+                "*Failed: Timeout*",
+                "*The test body's thread 'concur-test_slow[[]thread[]]' was at:",
+                '*File "*test_timeout_under_the_thread_backend*.py", line 7, in test_slow',
+                "*time.sleep(5)",
+            ]
+        )
+    assert "def join(" not in result.stdout.str()  # not CPython's Thread.join source

@@ -173,9 +173,10 @@ def test_joined_thread_and_process():
 
 async def test_gather_task_group_and_to_thread():
     assert await asyncio.gather(asyncio.sleep(0, 1), asyncio.to_thread(abs, -2)) == [1, 2]
-    async with asyncio.TaskGroup() as group:
-        task = group.create_task(asyncio.sleep(0, 3))
-    assert task.result() == 3
+    if hasattr(asyncio, "TaskGroup"):  # 3.11+
+        async with asyncio.TaskGroup() as group:
+            task = group.create_task(asyncio.sleep(0, 3))
+        assert task.result() == 3
     loop = asyncio.get_running_loop()
     assert await loop.run_in_executor(None, abs, -4) == 4
 
@@ -290,7 +291,8 @@ def test_task_left_by_a_sync_body_under_asyncio_is_reported(pytester: pytest.Pyt
     )
     result = run(pytester)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["  Task 'Task-*' (coroutine=sleep) created at *:6 in *"])
+    # (3.13.0 names a task made through a task factory 'None'.)
+    result.stdout.fnmatch_lines(["  Task '*' (coroutine=sleep) created at *:6 in *"])
 
 
 def test_unclosed_event_loop_is_reported_and_closed(

@@ -321,3 +321,63 @@ def test_session_continues_after_a_failure(pytester: pytest.Pytester, backend_na
     result = pytester.runpytest()
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*SystemExit: 3*"])
+
+
+def test_body_sees_context_variables_set_by_fixtures(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import contextvars, decimal
+        import pytest
+
+        request_id = contextvars.ContextVar("request_id")
+
+        @pytest.fixture
+        def in_request():
+            token = request_id.set("abc")
+            decimal.getcontext().prec = 50
+            yield
+            request_id.reset(token)
+            decimal.getcontext().prec = 28
+
+        @pytest.mark.backend("{backend_name}")
+        def test_context(in_request):
+            assert request_id.get() == "abc"
+            assert decimal.getcontext().prec == 50
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_recwarn_records_the_bodys_warnings(pytester: pytest.Pytester, backend_name: str) -> None:
+    pytester.makepyfile(
+        f"""
+        import warnings
+        import pytest
+
+        @pytest.mark.backend("{backend_name}")
+        def test_recorded(recwarn):
+            warnings.warn("w", UserWarning)
+            assert len(recwarn) == 1
+        """
+    )
+    pytester.runpytest_subprocess().assert_outcomes(passed=1)
+
+
+def test_stop_iteration_reads_as_in_a_plain_run(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.backend("{backend_name}")
+        def test_stop():
+            next(iter([]))
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E       StopIteration"])
+    assert "coroutine raised StopIteration" not in result.stdout.str()

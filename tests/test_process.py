@@ -350,3 +350,46 @@ def test_capture_sys_output_comes_back(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest_subprocess("--capture=sys")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*Captured stdout call*", "seen through sys capture"])
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        pytest.param(["-o", "faulthandler_timeout=60"], id="faulthandler-watchdog"),
+        pytest.param(["-p", "xdist", "-n", "1"], id="xdist-worker"),
+    ],
+)
+def test_auto_forks_past_the_harness_threads(pytester: pytest.Pytester, option: list[str]) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        @pytest.fixture
+        def guard():
+            return threading.Lock()
+
+        @pytest.mark.backend("process")
+        def test_uses_lock(guard):
+            with guard:
+                pass
+        """
+    )
+    result = pytester.runpytest_subprocess(*option, "-W", "error")
+    result.assert_outcomes(passed=1)
+
+
+def test_tee_sys_output_is_printed_once(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("process")
+        def test_prints():
+            print("hello from the child")
+        """
+    )
+    result = pytester.runpytest_subprocess("--capture=tee-sys")
+    result.assert_outcomes(passed=1)
+    assert result.stdout.str().count("hello from the child") == 1

@@ -46,6 +46,8 @@ class Job:
     verbosity: int
     # The checks' watches, run around the body here in the child (see pytest_concur.Watch).
     watches: list[Any] = dataclasses.field(default_factory=list)
+    # Whether the test records warnings itself (pytest's recwarn fixture).
+    uses_recwarn: bool = False
     # Only for start methods that do not inherit the parent's memory (spawn, forkserver).
     warning_filters: list[Any] | None = None
 
@@ -98,7 +100,12 @@ def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap 
         job = pickle.loads(job)
     assert isinstance(job, Job)
     marks = (_mark(sys.stdout), _mark(sys.stderr))
-    with warnings.catch_warnings(record=True) as caught:
+    # Record the body's warnings to send them back, unless the test records them itself
+    # (recwarn): then they are its business, inside the child.
+    recording: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext([]) if job.uses_recwarn else warnings.catch_warnings(record=True)
+    )
+    with recording as caught:
         if job.warning_filters is not None:
             warnings.filters[:] = job.warning_filters  # type: ignore[index]
         try:
@@ -107,7 +114,7 @@ def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap 
             outcome = _failure(exc, job, item)
         else:
             outcome = Outcome(passed=True)
-    outcome.warnings = [_warning(w) for w in caught]
+    outcome.warnings = [_warning(w) for w in caught or ()]
     outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
     conn.send_bytes(_dumps(outcome))
     conn.close()

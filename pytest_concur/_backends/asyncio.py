@@ -30,7 +30,15 @@ class AsyncioBackend:
 class _AsyncioRunner:
     def run(self, call: BodyCall) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        call.run_coroutine(call.call_async())
+        try:
+            call.run_coroutine(call.call_async())
+        except RuntimeError as exc:
+            # A sync body's StopIteration cannot leave a coroutine as itself (PEP 479);
+            # give it back as the plain run would have raised it.
+            cause = exc.__cause__
+            if not call.is_async and isinstance(cause, StopIteration):
+                raise cause from None
+            raise
 
     def close(self) -> None:
         pass

@@ -55,46 +55,27 @@ def start_method(config: pytest.Config) -> str:
     return method
 
 
-def foreign_threads() -> int:
-    """Threads the OS sees in this process that Python's threading module does not know."""
-    return max(_os_thread_count() - threading.active_count(), 0)
-
-
-def resolve_auto(harness_threads: int) -> tuple[str, str]:
+def resolve_auto() -> tuple[str, str]:
     """What ``auto`` means right now, and why.
 
     ``fork`` gives the child the test process as it is: nothing to pickle, failures
-    rendered exactly as in a plain run. It is only safe while no other thread can hold a lock
-    the child needs (Python 3.12+ warns about forking with threads). So: ``fork`` when this is
-    the only thread, or when the only others are the test harness's own, already running at
-    session start and unknown to Python's threading module (pytest-xdist's execnet I/O
-    thread); ``forkserver`` otherwise; ``spawn`` where there is no safe fork at all.
+    rendered exactly as in a plain run. It is unsafe while another thread of the program
+    runs (a lock it holds at fork time stays held in the child), so ``auto`` forks only
+    while Python's ``threading`` module knows no thread but this one, and uses
+    ``forkserver`` otherwise. Threads it does not know are the harness's or a C library's
+    (pytest-xdist's execnet I/O thread, faulthandler's watchdog for
+    ``faulthandler_timeout``): they do not run the test's Python code, and forking past
+    them is what fork-based test runners have always done. ``spawn`` where there is no
+    safe fork at all.
     """
     if sys.platform == "darwin" or not hasattr(os, "fork"):
         return "spawn", "fork is not available or not safe on this platform"
-    threads = _os_thread_count()
     if threading.active_count() == 1:
-        # A thread that was just joined can linger in the OS's list for a moment after
-        # Python is done with it; give it that moment rather than giving up on fork.
-        deadline = time.monotonic() + 0.05
-        while threads - 1 > harness_threads and time.monotonic() < deadline:
-            time.sleep(0.001)
-            threads = _os_thread_count()
-        if threads - 1 <= harness_threads:
-            return "fork", ""
+        return "fork", ""
     return "forkserver", (
-        f"the test process runs {threads} threads ({_thread_names()}), which makes fork "
-        "unsafe, so the child was started with forkserver"
+        f"the test process runs {threading.active_count()} threads ({_thread_names()}), "
+        "which makes fork unsafe, so the child was started with forkserver"
     )
-
-
-def _os_thread_count() -> int:
-    # Threads started by C code or by _thread directly (pytest-xdist's execnet I/O thread,
-    # faulthandler's watchdog) are not in threading.enumerate(); the OS sees them all.
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
 
 
 def _thread_names() -> str:
@@ -116,12 +97,11 @@ class ProcessBackend:
     def __init__(self, config: pytest.Config) -> None:
         # Checked here, at session start, so a bad value is a usage error up front.
         self.start_method = start_method(config)
-        self._harness_threads = foreign_threads()
 
     def start(self, item: pytest.Item) -> _ProcessRunner:
         method, why = self.start_method, ""
         if method == "auto":
-            method, why = resolve_auto(self._harness_threads)
+            method, why = resolve_auto()
         return _ProcessRunner(
             item, method, why, harness=method == "fork" and self.start_method == "auto"
         )
@@ -152,6 +132,7 @@ class _ProcessRunner:
             fulltrace=bool(config.getoption("fulltrace", False)),
             verbosity=config.get_verbosity(),
             watches=list(call.watches),
+            uses_recwarn="recwarn" in getattr(self._item, "fixturenames", ()),
         )
         method, why = self._method, self._why
         ctx: Any = multiprocessing.get_context(method)
@@ -329,9 +310,14 @@ def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
 
 
 def _forward(text: str, stream: Any) -> None:
-    if text:
+    if not text:
+        return
+    if type(stream).__name__ == "TeeCaptureIO":
+        # --capture=tee-sys: the child already echoed it to the terminal; capture it only.
+        super(type(stream), stream).write(text)
+    else:
         stream.write(text)
-        stream.flush()
+    stream.flush()
 
 
 def _pickle_job(job: _child.Job, call: BodyCall, method: str, why: str) -> bytes:

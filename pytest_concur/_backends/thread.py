@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
+import sys
 import threading
+import traceback
 from typing import final
 
 import pytest
@@ -34,11 +37,19 @@ class _ThreadRunner:
                 error.append(exc)
 
         # A daemon thread: if the main thread gives up waiting (a timeout, ^C), a body that
-        # never returns must not keep the interpreter alive at exit.
-        worker = threading.Thread(target=body, name=f"concur-{call.item.name}", daemon=True)
+        # never returns must not keep the interpreter alive at exit. It runs in a copy of
+        # this thread's context, so context variables set by fixtures (decimal's context
+        # among them) are seen by the body as in a plain run.
+        context = contextvars.copy_context()
+        worker = threading.Thread(
+            target=context.run, args=(body,), name=f"concur-{call.item.name}", daemon=True
+        )
         worker.start()
-        # join() with no timeout is interruptible by signals (pytest-timeout, ^C) on POSIX.
-        worker.join()
+        try:
+            # Interruptible by signals (pytest-timeout, ^C) on POSIX.
+            worker.join()
+        except BaseException as interruption:
+            raise _interrupted(interruption, worker) from None
         if error:
             exc = error[0]
             error.clear()
@@ -48,3 +59,16 @@ class _ThreadRunner:
 
     def close(self) -> None:
         pass
+
+
+def _interrupted(exc: BaseException, worker: threading.Thread) -> BaseException:
+    """The exception that stopped our wait (a timeout, ^C), told where the body was.
+
+    Its traceback would only show this thread waiting in ``Thread.join``: drop it, and say
+    where the body's thread stands instead.
+    """
+    frame = sys._current_frames().get(worker.ident or -1)
+    if frame is not None and hasattr(exc, "add_note"):
+        stack = "".join(traceback.format_stack(frame))
+        exc.add_note(f"The test body's thread {worker.name!r} was at:\n{stack.rstrip()}")
+    return exc.with_traceback(None)
