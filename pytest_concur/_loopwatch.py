@@ -171,7 +171,7 @@ def _task_name(task: asyncio.Task[Any]) -> str:
 
 def _coro_name(task: asyncio.Task[Any]) -> str:
     """The outermost user coroutine the task runs (past pytest-concur's own wrappers)."""
-    obj = task.get_coro()
+    obj: Any = task.get_coro()
     while obj is not None:
         frame = getattr(obj, "cr_frame", None) or getattr(obj, "gi_frame", None)
         if frame is not None and not frame.f_code.co_filename.startswith(_locks._PACKAGE):
