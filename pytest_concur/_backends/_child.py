@@ -116,6 +116,12 @@ def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap 
             outcome = Outcome(passed=True)
     outcome.warnings = [_warning(w) for w in caught or ()]
     outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
+    # The interpreter's own streams may hold output echoed to them (--capture=tee-sys);
+    # a forked child leaves through os._exit, which would drop their buffers.
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
     conn.send_bytes(_dumps(outcome))
     conn.close()
 
