@@ -504,21 +504,23 @@ def test_event_loop_waiting_on_a_working_thread_is_not_a_deadlock(
 
         @pytest.mark.backend("asyncio")
         async def test_waiting_on_a_socket():
-            reader, writer = await asyncio.open_connection(*await _server())
-            writer.write(b"ping")
-            assert await reader.readexactly(4) == b"pong"
-            writer.close()
-
-        async def _server():
             async def handle(reader, writer):
                 await asyncio.sleep(0.2)
                 assert await reader.readexactly(4) == b"ping"
                 writer.write(b"pong")
                 await writer.drain()
                 writer.close()
+                await writer.wait_closed()
 
             server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            return server.sockets[0].getsockname()[:2]
+            host, port = server.sockets[0].getsockname()[:2]
+            reader, writer = await asyncio.open_connection(host, port)
+            writer.write(b"ping")
+            assert await reader.readexactly(4) == b"pong"
+            writer.close()
+            await writer.wait_closed()
+            server.close()
+            await server.wait_closed()
         """
     )
     run(pytester, "-W", "error").assert_outcomes(passed=3)
