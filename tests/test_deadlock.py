@@ -524,3 +524,24 @@ def test_event_loop_waiting_on_a_working_thread_is_not_a_deadlock(
         """
     )
     run(pytester, "-W", "error").assert_outcomes(passed=3)
+
+
+def test_diagnosis_reaches_junit_xml(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(TWO_LOCKS.format(backends='"thread"'))
+    result = run(pytester, "--junitxml=report.xml")
+    result.assert_outcomes(failed=1, passed=1)
+    import xml.etree.ElementTree as ET
+
+    case = next(
+        c
+        for c in ET.parse(pytester.path / "report.xml").iter("testcase")
+        if c.get("name") == "test_two_locks[thread]"
+    )
+    failure = case.find("failure")
+    assert failure is not None
+    assert (failure.get("message") or "").startswith(
+        "pytest_concur.DeadlockError: pytest-concur: deadlock: a wait-for cycle"
+    )
+    text = failure.text or ""
+    assert "thread 'one' waits for Lock created at" in text
+    assert "Stack of thread 'two':" in text
