@@ -92,14 +92,22 @@ def _is_machinery(frame: FrameType) -> bool:
     return any(part in filename for part in _STDLIB_SYNC)
 
 
-def user_site(frame: FrameType | None) -> str:
-    """``file:line in function`` of the first frame outside the locking machinery."""
+def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
+    """``file:line in function`` of the first frame outside the locking machinery.
+
+    A lock made in an ``__init__`` is one of many alike (every ``Account`` has one): the
+    caller that made the object is added, so two of them can be told apart.
+    """
     while frame is not None and _is_machinery(frame):
         frame = frame.f_back
     if frame is None:
         return "<unknown>"
     code = frame.f_code
-    return f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+    site = f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
+    if (with_caller or code.co_name == "__init__") and frame.f_back is not None:
+        caller = frame.f_back
+        site += f" (from {_short(caller.f_code.co_filename)}:{caller.f_lineno})"
+    return site
 
 
 def _short(filename: str) -> str:
@@ -356,7 +364,7 @@ class Tracker:
             key = (id(first), id(lock))
             if key in self.order:
                 continue
-            site = user_site(sys._getframe(2))
+            site = user_site(sys._getframe(2), with_caller=True)
             with self._mutex:
                 self.order[key] = (first, lock, site)
                 reverse = self.order.get((id(lock), id(first)))

@@ -374,8 +374,8 @@ def test_lock_order_inversion_is_a_potential_deadlock(pytester: pytest.Pytester)
             "pytest-concur: potential deadlock: two locks are taken in both orders",
             "  Lock A created at *.py:6 in test_inverted_order",
             "  Lock B created at *.py:7 in test_inverted_order",
-            "  B taken while holding A at *.py:9 in test_inverted_order",
-            "  A taken while holding B at *.py:12 in test_inverted_order",
+            "  B taken while holding A at *.py:9 in test_inverted_order (from *)",
+            "  A taken while holding B at *.py:12 in test_inverted_order (from *)",
         ]
     )
 
@@ -545,3 +545,13 @@ def test_diagnosis_reaches_junit_xml(pytester: pytest.Pytester) -> None:
     text = failure.text or ""
     assert "thread 'one' waits for Lock created at" in text
     assert "Stack of thread 'two':" in text
+
+
+def test_unblocked_threads_are_not_reported_again_as_background_errors(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(TWO_LOCKS.format(backends='"thread"'))
+    result = run(pytester)
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.stdout.str().count("pytest-concur: deadlock: a wait-for cycle") == 1
+    assert "an exception was raised in thread" not in result.stdout.str()

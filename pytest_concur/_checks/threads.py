@@ -211,7 +211,9 @@ def _running(
 def _is_deadlock_error(exc: BaseException | None) -> bool:
     # The deadlock check raises it in threads to unblock them, and reports the deadlock
     # itself; the hook it installed before ours keeps quiet about it.
-    return type(exc).__name__ == "DeadlockError" and type(exc).__module__ == "pytest_concur._locks"
+    from pytest_concur._locks import DeadlockError
+
+    return isinstance(exc, DeadlockError)
 
 
 def _belongs_to_processes(thread: threading.Thread) -> bool:
