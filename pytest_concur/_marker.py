@@ -23,11 +23,16 @@ from pytest_concur._registry import BackendRegistry
 MARKER = "backend"
 OPTION = "--concur-backends"
 INI = "concur_backends"
+WORKERS_OPTION = "--concur-workers"
+WORKERS_INI = "concur_workers"
+# The keywords backend(...) takes.
+_KEYWORDS = ("workers",)
 
 # Markers by which other plugins claim an async test, and what to call them in messages.
 _OTHER_RUNNERS = {"asyncio": "pytest-asyncio", "anyio": "anyio", "trio": "pytest-trio"}
 
 _DEFAULT = pytest.StashKey["Selection | None"]()
+_DEFAULT_WORKERS = pytest.StashKey[int]()
 
 
 @final
@@ -45,14 +50,19 @@ class Selection:
 
 
 def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
-    """The backend names a ``backend(...)`` marker asks for; ``pytest.fail`` if malformed."""
-    if mark.kwargs:
-        unknown = ", ".join(sorted(mark.kwargs))
+    """The backend names a ``backend(...)`` marker asks for; ``pytest.fail`` if malformed.
+
+    Its keywords are checked too (see :func:`marker_workers` for their values).
+    """
+    unknown_keywords = sorted(set(mark.kwargs) - set(_KEYWORDS))
+    if unknown_keywords:
+        unknown = ", ".join(unknown_keywords)
         _fail(
             f"@pytest.mark.backend() got unexpected keyword argument(s): {unknown}. "
-            "It takes backend names only, as strings: "
-            '@pytest.mark.backend("thread", "process", "asyncio").'
+            f"It takes backend names as strings and the keyword(s) {', '.join(_KEYWORDS)}: "
+            '@pytest.mark.backend("thread", "process", "asyncio", workers=8).'
         )
+    marker_workers(mark)
     names: list[str] = []
     for arg in mark.args:
         if isinstance(arg, str):
@@ -71,6 +81,54 @@ def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
             '@pytest.mark.backend("thread", "asyncio").'
         )
     return _dedupe(names)
+
+
+def marker_workers(mark: pytest.Mark) -> int | None:
+    """The ``workers=`` of a ``backend(...)`` marker, or ``None``; ``pytest.fail`` if invalid."""
+    if "workers" not in mark.kwargs:
+        return None
+    value = mark.kwargs["workers"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        _fail(
+            f"@pytest.mark.backend(workers=...) takes a whole number of copies, 1 or more, "
+            f'got {value!r}: write e.g. @pytest.mark.backend("thread", workers=8).'
+        )
+    return value
+
+
+def parse_workers(value: object, origin: str) -> int:
+    """A worker count from the option or the ini key; a usage error if it is not one."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise pytest.UsageError(
+            f"pytest-concur: {origin} takes a whole number of copies, 1 or more, got "
+            f"{value!r}: e.g. {WORKERS_OPTION}=8."
+        )
+    return count
+
+
+def default_workers(config: pytest.Config) -> int:
+    """How many copies ``--concur-workers`` or the ``concur_workers`` ini key ask for (1)."""
+    if _DEFAULT_WORKERS not in config.stash:
+        option: object = config.getoption("concur_workers")
+        if option is not None:
+            count = parse_workers(option, WORKERS_OPTION)
+        else:
+            ini = str(config.getini(WORKERS_INI) or "").strip()
+            count = parse_workers(ini, f"{WORKERS_INI} (ini)") if ini else 1
+        config.stash[_DEFAULT_WORKERS] = count
+    return config.stash[_DEFAULT_WORKERS]
+
+
+def workers(item: pytest.Item) -> int:
+    """How many copies of ``item``'s body run at once: the marker's ``workers=``, else the
+    option, else the ini key, else 1. (Serial tests are the caller's business.)"""
+    mark = item.get_closest_marker(MARKER)
+    count = marker_workers(mark) if mark is not None else None
+    return count if count is not None else default_workers(item.config)
 
 
 def parse_list(value: str) -> tuple[str, ...]:

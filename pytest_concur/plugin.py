@@ -8,6 +8,7 @@ multiprocessing, asyncio) is imported when the first test needs it, not by
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Generator
 from typing import Any
 
@@ -43,6 +44,27 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default=None,
         help="How the process backend starts its child. auto (the default): fork while the "
         "test process runs a single thread, else forkserver (spawn on macOS).",
+    )
+    group.addoption(
+        _marker.WORKERS_OPTION,
+        dest="concur_workers",
+        metavar="N",
+        default=None,
+        help="Stress mode: run N copies of the body of every test that runs under a backend "
+        "at once (tests with @pytest.mark.backend(..., workers=M) run M). Overrides the "
+        "concur_workers ini key.",
+    )
+    parser.addini(
+        _marker.WORKERS_INI,
+        "Copies of each backend test's body to run at once (stress mode); default 1.",
+        default="",
+    )
+    parser.addini(
+        "concur_serial_fixtures",
+        "Fixtures that make a test run as a single copy in stress mode (names separated by "
+        "spaces).",
+        type="args",
+        default=[],
     )
     parser.addini(
         _marker.INI,
@@ -88,8 +110,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "backend(*names): run this test once under each named pytest-concur backend, "
-        "as separate items test[name] (built in: thread, process, asyncio).",
+        "backend(*names, workers=1): run this test once under each named pytest-concur "
+        "backend, as separate items test[name] (built in: thread, process, asyncio); "
+        "workers=N runs N copies of the body at once in each.",
+    )
+    config.addinivalue_line(
+        "markers",
+        "concur_serial(reason=None): run this test as a single copy even in pytest-concur's "
+        "stress mode (workers=N, --concur-workers): it is not safe to run in several at once.",
     )
     config.addinivalue_line(
         "markers",
@@ -116,6 +144,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"concur_{name}: set on items that run under the {name!r} backend "
             f"({backend.description}); select them with -m concur_{name}.",
         )
+    _marker.default_workers(config)  # a bad --concur-workers is a usage error up front
     default = _marker.default_selection(config)
     if default is not None:
         problem = _marker.check(default, registry)
@@ -129,6 +158,26 @@ def concur_backend() -> str | None:
     # Items that run under a backend get this fixture parametrized with the name, so this
     # body only runs for the others.
     return None
+
+
+@pytest.fixture
+def worker_index() -> int:
+    """Which copy of the body this is, from 0, in stress mode (``workers=N``); else 0.
+
+    Each copy's test function gets its own value. Fixtures are set up once and shared by
+    the copies, so a fixture that asks for ``worker_index`` gets 0.
+    """
+    return 0
+
+
+@pytest.fixture
+def worker_count(request: pytest.FixtureRequest) -> int:
+    """How many copies of the body run at once (``workers=N``); 1 outside stress mode."""
+    if _backend_name(request.node) is None:
+        return 1
+    from pytest_concur._stress import copies
+
+    return copies(request.node, count_serial=False)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -194,6 +243,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         return None
     from pytest_concur._backends.base import BodyCall
     from pytest_concur._loop import item_loop
+    from pytest_concur._stress import copies
 
     config = pyfuncitem.config
     backend = config.stash[_registry.REGISTRY][name]
@@ -204,6 +254,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         kwargs=_body_kwargs(pyfuncitem),
         run_coroutine=item_loop(pyfuncitem).run,
         watches=[watch for watch in watches if watch is not None],
+        workers=copies(pyfuncitem),
     )
     runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
     runner.run(call)
@@ -219,7 +270,19 @@ def pytest_runtest_makereport(
         from pytest_concur._report import apply_longrepr
 
         apply_longrepr(item, call, report)
+        from pytest_concur._stress import add_section
+
+        add_section(item, report)
     return report
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if "pytest_concur._stress" not in sys.modules:
+        return  # no test ran under a backend
+    from pytest_concur._stress import serial_summary
+
+    for line in serial_summary(config):
+        terminalreporter.write_line(line)
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)

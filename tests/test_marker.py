@@ -127,7 +127,7 @@ def test_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> N
     )
     pytester.runpytest("--strict-markers").assert_outcomes(passed=1)
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.backend(*names):*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.backend(*names, workers=1):*"])
 
 
 def test_select_backend_by_keyword_and_by_marker(pytester: pytest.Pytester) -> None:
@@ -280,8 +280,8 @@ def test_marker_and_another_async_plugin_on_one_test_is_an_error(pytester: pytes
             id="not-a-string",
         ),
         pytest.param(
-            '"thread", workers="x"',
-            "*@pytest.mark.backend() got unexpected keyword argument(s): workers.*",
+            '"thread", worker=8',
+            "*@pytest.mark.backend() got unexpected keyword argument(s): worker.*",
             id="unknown-keyword",
         ),
         pytest.param(

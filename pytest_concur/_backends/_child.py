@@ -80,16 +80,29 @@ class Outcome:
     warnings: list[tuple[str, bytes | None, str, int]] = dataclasses.field(default_factory=list)
     stdout: str = ""  # only what a ``--capture=sys`` parent could not see through the fd
     stderr: str = ""
+    site: str = ""  # file:line that raised, to tell stress-mode copies' failures apart
 
 
 # The parent sends this when it gives up on the child (a timeout): dump every thread's stack
 # to stderr. Its default action is to be ignored, so a child that has not installed the
 # handler yet is not killed by it.
 DUMP_SIGNAL = getattr(signal, "SIGURG", None)
+# How long a stress-mode child waits for the others to start before it starts anyway.
+GO_TIMEOUT = 30.0
 
 
-def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap | None) -> None:
-    """The child's entry point: run the job and send back its :class:`Outcome`."""
+def main(
+    job: Job | bytes,
+    conn: Any,
+    item: pytest.Item | None,
+    boot: Bootstrap | None,
+    go: Any = None,
+) -> None:
+    """The child's entry point: run the job and send back its :class:`Outcome`.
+
+    In stress mode ``go`` is an event shared by the copies' children: each waits for it,
+    so that the copies start together.
+    """
     if boot is not None:
         _bootstrap(boot)
     if DUMP_SIGNAL is not None:
@@ -109,6 +122,8 @@ def main(job: Job | bytes, conn: Any, item: pytest.Item | None, boot: Bootstrap 
         if job.warning_filters is not None:
             warnings.filters[:] = job.warning_filters  # type: ignore[index]
         try:
+            if go is not None:
+                go.wait(GO_TIMEOUT)
             _run(job)
         except BaseException as exc:
             outcome = _failure(exc, job, item)
@@ -169,8 +184,14 @@ def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
             pickle.loads(exception)  # a pickle that cannot be loaded back is no better than none
         except Exception:
             exception = None
+    tb = exc.__traceback__
+    site = ""
+    while tb is not None:
+        site = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+        tb = tb.tb_next
     return Outcome(
         passed=False,
+        site=site,
         exception=exception,
         pytest_outcome=pytest_outcome,
         type_name=f"{type(exc).__module__}.{type(exc).__qualname__}",

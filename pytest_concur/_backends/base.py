@@ -64,7 +64,9 @@ class BodyCall:
     and parameters it takes. ``run_coroutine`` runs a coroutine to completion on the item's
     own event loop: the loop that the item's function-scoped async fixtures ran on, created
     for this item and closed after its teardown. It may be called from any one thread at a
-    time.
+    time. ``workers`` is how many copies of the body run at once (stress mode): calling
+    the ``BodyCall`` runs them all, each with its own ``worker_index``, and returns when
+    the last has finished.
     """
 
     item: pytest.Item
@@ -73,6 +75,8 @@ class BodyCall:
     run_coroutine: Callable[[Coroutine[Any, Any, Any]], Any]
     # The checks watching this body (see pytest_concur.Check); run around it wherever it runs.
     watches: Sequence[Watch] = ()
+    # How many copies of the body run at once (see pytest_concur._stress).
+    workers: int = 1
 
     @property
     def is_async(self) -> bool:
@@ -84,13 +88,21 @@ class BodyCall:
         __tracebackhide__ = True  # the plugin's frames are not the user's
         if self.is_async:
             self.run_coroutine(self.call_async())
+        elif self.workers > 1:
+            from pytest_concur._stress import run_threads
+
+            run_threads(self)
         else:
             run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)
 
     async def call_async(self) -> None:
         """Run the body inside the running event loop: awaited if async, else called."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        if self.is_async:
+        if self.workers > 1:
+            from pytest_concur._stress import run_tasks
+
+            await run_tasks(self)
+        elif self.is_async:
             await run_watched_async(self.watches, self.function, self.kwargs)
         else:
             run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)

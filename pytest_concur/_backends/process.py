@@ -15,6 +15,7 @@ and ``finally`` blocks can finish, then SIGKILL, and reaped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pickle
 import signal
@@ -115,7 +116,7 @@ class _ProcessRunner:
         self._why = why
         # auto chose fork although the harness's own threads run: its warning is not news.
         self._quiet_fork = harness
-        self._process: BaseProcess | None = None
+        self._processes: list[BaseProcess] = []
 
     def run(self, call: BodyCall) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's
@@ -134,74 +135,163 @@ class _ProcessRunner:
             watches=list(call.watches),
             uses_recwarn="recwarn" in getattr(self._item, "fixturenames", ()),
         )
-        method, why = self._method, self._why
+        method = self._method
         ctx: Any = multiprocessing.get_context(method)
         if method == "forkserver":
             # Paid once per session, by the server, instead of once per child.
             ctx.set_forkserver_preload(["pytest_concur._backends._child"])
-        reader, writer = ctx.Pipe(duplex=False)
+        # Stress mode (see pytest_concur._stress): one child per copy, each with its own
+        # worker_index, all let go at once by one event once every child has started.
+        count = call.workers
+        go = ctx.Event() if count > 1 else None
+        children: list[tuple[BaseProcess, Any, tuple[Path, Path] | None]] = []
+        outcomes: list[_child.Outcome | None] = []
         with tempfile.TemporaryDirectory(prefix="concur-") as tmp:
-            if method == "fork":
-                # The child has the parent's memory: nothing needs pickling on the way in,
-                # and it has the item, so failures render exactly as in a plain run.
-                args: tuple[Any, ...] = (job, writer, self._item, None)
-                streams: tuple[Path, Path] | None = None
-            else:
-                streams = (Path(tmp, "stdout"), Path(tmp, "stderr"))
-                for path in streams:
-                    path.touch()
-                capture = config.getoption("capture", "fd") != "no"
-                boot = _child.Bootstrap(
-                    sys_path=list(sys.path),
-                    cwd=os.getcwd(),
-                    modules=_pytest_imported_modules(config),
-                    stdout_path=str(streams[0]) if capture else None,
-                    stderr_path=str(streams[1]) if capture else None,
-                )
-                job.warning_filters = _picklable_filters()
-                args = (_pickle_job(job, call, method, why), writer, None, boot)
-            process = ctx.Process(
-                target=_child.main, args=args, name=f"concur-{self._item.name}", daemon=False
+            ended = False
+            try:
+                for index in range(count):
+                    copy = job
+                    if count > 1:
+                        from pytest_concur._stress import copy_kwargs
+
+                        copy = dataclasses.replace(
+                            job, kwargs=copy_kwargs(job.kwargs, index, count)
+                        )
+                    children.append(self._start_child(ctx, copy, call, Path(tmp), index, go))
+                if go is not None:
+                    go.set()
+                for process, reader, _ in children:
+                    outcomes.append(_receive(process, reader, multiprocessing.connection.wait))
+                ended = True
+            finally:
+                for process, reader, streams in children:
+                    reader.close()
+                    if ended:
+                        # It sent its outcome or closed the pipe: it is on its way out. Let
+                        # it finish, so coverage and multiprocessing's own cleanups in the
+                        # child save their work, and so its real exit status is what we
+                        # report.
+                        process.join(TERMINATE_GRACE)
+                    else:
+                        _dump_stacks(process)
+                    _stop(process)
+                    if streams is not None:
+                        _forward(streams[0].read_text(errors="replace"), sys.stdout)
+                        _forward(streams[1].read_text(errors="replace"), sys.stderr)
+        if count == 1:
+            outcome = outcomes[0]
+            if outcome is None:
+                _fail_crashed(children[0][0], self._item.nodeid)
+            _replay(outcome)
+            if not outcome.passed:
+                _raise(outcome, self._item)
+            return
+        self._combine([process for process, _, _ in children], outcomes)
+
+    def _start_child(
+        self,
+        ctx: Any,
+        job: _child.Job,
+        call: BodyCall,
+        tmp: Path,
+        index: int,
+        go: Any,
+    ) -> tuple[BaseProcess, Any, tuple[Path, Path] | None]:
+        """Start one child running ``job``; its process, pipe end and output files."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        config = self._item.config
+        method, why = self._method, self._why
+        reader, writer = ctx.Pipe(duplex=False)
+        if method == "fork":
+            # The child has the parent's memory: nothing needs pickling on the way in,
+            # and it has the item, so failures render exactly as in a plain run.
+            args: tuple[Any, ...] = (job, writer, self._item, None)
+            streams: tuple[Path, Path] | None = None
+        else:
+            streams = (Path(tmp, f"stdout{index}"), Path(tmp, f"stderr{index}"))
+            for path in streams:
+                path.touch()
+            capture = config.getoption("capture", "fd") != "no"
+            boot = _child.Bootstrap(
+                sys_path=list(sys.path),
+                cwd=os.getcwd(),
+                modules=_pytest_imported_modules(config),
+                stdout_path=str(streams[0]) if capture else None,
+                stderr_path=str(streams[1]) if capture else None,
             )
-            self._process = process
+            job.warning_filters = _picklable_filters()
+            args = (_pickle_job(job, call, method, why), writer, None, boot)
+        if go is not None:
+            args = (*args, go)
+        name = f"concur-{self._item.name}" + (f"-copy{index}" if go is not None else "")
+        process = ctx.Process(target=_child.main, args=args, name=name, daemon=False)
+        self._processes.append(process)
+        try:
             with warnings.catch_warnings():
-                # Python 3.12+ warns when forking a process that has threads. Under auto we
-                # only fork with the harness's own threads around (see resolve_auto), which
-                # is not news to anyone; with fork forced, the threads are the test's, and
-                # the warning is theirs to see.
+                # Python 3.12+ warns when forking a process that has threads. Under auto
+                # we only fork with the harness's own threads around (see resolve_auto),
+                # which is not news to anyone; with fork forced, the threads are the
+                # test's, and the warning is theirs to see.
                 if self._quiet_fork:
                     warnings.filterwarnings(
                         "ignore", "This process .* is multi-threaded", DeprecationWarning
                     )
                 process.start()
+        except BaseException:
+            reader.close()
+            raise
+        finally:
             writer.close()
-            ended = False
+        return process, reader, streams
+
+    def _combine(self, processes: list[BaseProcess], outcomes: list[_child.Outcome | None]) -> None:
+        """One verdict from the copies' outcomes (see pytest_concur._stress.combine)."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        from pytest_concur._report import attach_longrepr
+        from pytest_concur._stress import combine
+
+        item = self._item
+        errors: list[BaseException | None] = []
+        reprs: list[Any] = []
+        keys: list[tuple[str, str, str]] = []
+        for process, outcome in zip(processes, outcomes, strict=True):
+            reprs.append(None)
+            keys.append(("", "", ""))
+            if outcome is not None:
+                _replay(outcome)
+                if outcome.passed:
+                    errors.append(None)
+                    continue
+                reprs[-1] = outcome.longrepr
+                keys[-1] = (outcome.type_name, outcome.message, outcome.site)
+            else:
+                reprs[-1] = _crash_message(process, item.nodeid)
+                keys[-1] = ("crash", str(process.exitcode), "")
             try:
-                outcome = _receive(process, reader, multiprocessing.connection.wait)
-                ended = True
-            finally:
-                reader.close()
-                if ended:
-                    # It sent its outcome or closed the pipe: it is on its way out. Let it
-                    # finish, so coverage and multiprocessing's own cleanups in the child
-                    # save their work, and so its real exit status is what we report.
-                    process.join(TERMINATE_GRACE)
-                else:
-                    _dump_stacks(process)
-                _stop(process)
-                if streams is not None:
-                    _forward(streams[0].read_text(errors="replace"), sys.stdout)
-                    _forward(streams[1].read_text(errors="replace"), sys.stderr)
-        if outcome is None:
-            _fail_crashed(process, self._item.nodeid)
-        _replay(outcome)
-        if not outcome.passed:
-            _raise(outcome, self._item)
+                if outcome is None:
+                    _fail_crashed(process, item.nodeid)
+                _raise(outcome, item)
+            except BaseException as exc:
+                errors.append(exc)
+        error = combine(
+            item,
+            errors,
+            key=lambda i: keys[i],
+            render=lambda i: str(reprs[i]),
+        )
+        if error is None:
+            return
+        index = next(i for i, e in enumerate(errors) if e is error)
+        longrepr = reprs[index]
+        if isinstance(error, pytest.skip.Exception) and isinstance(longrepr, tuple):
+            longrepr = (*longrepr[:2], f"Skipped: {error.msg}")
+        attach_longrepr(item, error, longrepr)
+        raise error
 
     def close(self) -> None:
-        if self._process is not None:
-            _stop(self._process)
-            self._process = None
+        processes, self._processes = self._processes, []
+        for process in processes:
+            _stop(process)
 
 
 def _receive(

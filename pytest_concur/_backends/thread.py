@@ -67,8 +67,14 @@ def _interrupted(exc: BaseException, worker: threading.Thread) -> BaseException:
     Its traceback would only show this thread waiting in ``Thread.join``: drop it, and say
     where the body's thread stands instead.
     """
-    frame = sys._current_frames().get(worker.ident or -1)
-    if frame is not None and hasattr(exc, "add_note"):
-        stack = "".join(traceback.format_stack(frame))
-        exc.add_note(f"The test body's thread {worker.name!r} was at:\n{stack.rstrip()}")
+    frames = sys._current_frames()
+    # In stress mode the copies run in threads named after the body's (see _stress).
+    threads = [worker] + [
+        t for t in threading.enumerate() if t.name.startswith(f"{worker.name}-copy")
+    ]
+    for thread in threads:
+        frame = frames.get(thread.ident or -1)
+        if frame is not None and hasattr(exc, "add_note"):
+            stack = "".join(traceback.format_stack(frame))
+            exc.add_note(f"The test body's thread {thread.name!r} was at:\n{stack.rstrip()}")
     return exc.with_traceback(None)
