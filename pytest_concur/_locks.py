@@ -51,6 +51,7 @@ _get_ident = _thread.get_ident
 
 # Frames in these files are the machinery between a user's call and a lock.
 _STDLIB_SYNC = (
+    "<frozen ",
     os.path.join("threading.py"),
     os.path.join("queue.py"),
     os.path.join("concurrent", "futures", "_base.py"),
@@ -156,8 +157,11 @@ class TrackedLock:
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         __tracebackhide__ = True  # the plugin's frames are not the user's
+        # Only an acquire that would wait forever takes part in lock order: a try-lock or a
+        # timed acquire cannot deadlock.
+        ordered = blocking and timeout < 0
         if self._lock.acquire(False):
-            self._took()
+            self._took(ordered)
             return True
         if not blocking:
             return False
@@ -216,11 +220,20 @@ class TrackedLock:
         return count
 
     def _acquire_restore(self, state: Any) -> None:
-        self.acquire()
+        # Condition.wait takes its lock back here even when unwinding with DeadlockError:
+        # the caller's `with` releases it next, so it must hold it, verdict or not.
+        if not self._lock.acquire(False):
+            while not self._lock.acquire(True, _MAX_SLICE):
+                pass
+        self._took(False)
         if self._reentrant and state:
             for _ in range(state - 1):
                 self._lock.acquire()
             self._count = state
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Like a real lock: not to be copied or pickled (a copy would share the lock).
+        raise TypeError(f"cannot pickle {type(self._lock).__name__!r} object")
 
     def _recursion_count(self) -> int:
         # RLock's (3.11+), used by multiprocessing's resource tracker among others.
@@ -238,7 +251,7 @@ class TrackedLock:
 
     # -- internals ----------------------------------------------------------------------
 
-    def _took(self) -> None:
+    def _took(self, ordered: bool = True) -> None:
         me = _get_ident()
         if self._reentrant:
             if self.owner == me:
@@ -248,7 +261,7 @@ class TrackedLock:
         self.owner = me
         tracker = TRACKER
         if tracker is not None and not self.signal:
-            tracker.note_acquired(self, me)
+            tracker.note_acquired(self, me, ordered)
 
     def _wait(self, timeout: float) -> bool:
         __tracebackhide__ = True  # the plugin's frames are not the user's
@@ -261,7 +274,7 @@ class TrackedLock:
                 lambda slice_: bool(self._lock.acquire(True, slice_)),
             )
         if got:
-            self._took()
+            self._took(timeout < 0)
         return got
 
 
@@ -341,6 +354,9 @@ class Tracker:
         self.passive_threads = passive_threads
         self.started: list[threading.Thread] = []
         self.starting = 0
+        self._last_look = 0.0
+        # Signal handlers at the start: one installed since can wake the main thread.
+        self._handlers = _signal_handlers()
         self.waits: dict[int, Wait] = {}
         self.verdict: str | None = None
         # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
@@ -353,12 +369,12 @@ class Tracker:
 
     # -- lock order ---------------------------------------------------------------------
 
-    def note_acquired(self, lock: TrackedLock, me: int) -> None:
+    def note_acquired(self, lock: TrackedLock, me: int, ordered: bool = True) -> None:
         held = self.held.get(me)
         if held is None:
             self.held[me] = [lock]
             return
-        for first in held:
+        for first in held if ordered else ():
             if first is lock:
                 continue
             key = (id(first), id(lock))
@@ -405,6 +421,9 @@ class Tracker:
                         return attempt(0)
                     slice_ = min(slice_, remaining)
                 if attempt(slice_):
+                    if wait.kind == "join" and self.verdict is not None:
+                        # The joined thread ended only because the verdict unwound it.
+                        raise DeadlockError(self.verdict)
                     return True
                 if wait.timeout is None:
                     self._look(wait, first=False)
@@ -429,6 +448,16 @@ class Tracker:
         if self.verdict is not None:
             raise DeadlockError(self.verdict)
 
+    def set_verdict(self, verdict: str) -> None:
+        """Declare the test deadlocked: every tracked wait of it raises DeadlockError."""
+        with self._mutex:
+            if self.verdict is None:
+                self.verdict = verdict
+
+    def handlers_unchanged(self) -> bool:
+        """Whether the process's signal handlers are those it had when the body began."""
+        return _signal_handlers() == self._handlers
+
     def snapshot(self) -> dict[int, Wait]:
         """Who waits for what, now."""
         with self._mutex:
@@ -439,6 +468,10 @@ class Tracker:
         cycle = self._cycle(wait.ident, waits)
         if cycle is not None:
             return ("cycle", self._canonical(cycle))
+        now = time.monotonic()
+        if now - self._last_look < _SLICE:
+            return None  # another blocked thread just looked: N waiters, not N looks a slice
+        self._last_look = now
         blocked = self._all_blocked(waits)
         if blocked is None:
             return None
@@ -447,6 +480,9 @@ class Tracker:
             cycle = self._cycle(ident, waits)
             if cycle is not None:
                 return ("cycle", self._canonical(cycle))
+        for ident in blocked:
+            if waits[ident].holder() == ident:
+                return ("self", (ident,))
         return ("blocked", tuple(blocked))
 
     def _canonical(self, cycle: list[int]) -> tuple[int, ...]:
@@ -467,7 +503,10 @@ class Tracker:
             if nxt is None:
                 return None
             if nxt == start:
-                return path
+                # A thread waiting for a lock it holds itself may be waiting for another
+                # thread to release it (a lock used as a signal): only "every thread is
+                # blocked" can tell, below.
+                return path if len(path) > 1 else None
             if nxt in path:
                 return None  # a cycle that does not pass through us: its own threads see it
             path.append(nxt)
@@ -487,6 +526,9 @@ class Tracker:
         # that Python knows (a fixture's server thread) might; the harness's own threads
         # (unknown to threading: xdist's I/O thread) and the thread backend's waiting pytest
         # thread do not.
+        if threading.main_thread().ident in test_threads and not self.handlers_unchanged():
+            return None  # a signal handler installed by the test may end a wait
+        frames = sys._current_frames()
         for thread in threading.enumerate():
             other_ident = thread.ident
             if other_ident is None or other_ident in self.passive_threads:
@@ -494,17 +536,52 @@ class Tracker:
             if other_ident in test_threads or not thread.is_alive():
                 continue
             other = waits.get(other_ident)
-            if other is None or other.timeout is not None:
-                return None
+            if other is not None and other.timeout is None:
+                continue  # blocked itself
+            if not can_wake(thread, frames):
+                continue
+            return None
         return test_threads
 
     def report_inversions(self) -> str | None:
         return "\n\n".join(dict.fromkeys(self.inversions)) or None
 
 
+def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
+    """Whether a thread that is not in a tracked wait might still end someone's wait.
+
+    Not: pytest-timeout's timer thread (it ends the test, not a wait), an idle worker of a
+    thread pool (it waits for work, in C, and only runs what a running thread submits).
+    """
+    if thread.name.startswith("pytest_timeout "):
+        return False
+    frame = frames.get(thread.ident or -1)
+    if frame is not None:
+        code = frame.f_code
+        if code.co_name == "_worker" and code.co_filename.endswith(
+            os.path.join("concurrent", "futures", "thread.py")
+        ):
+            return False
+    return True
+
+
+def _signal_handlers() -> tuple[object, ...]:
+    import signal
+
+    handlers = []
+    for signum in sorted(signal.valid_signals()):
+        try:
+            handlers.append(signal.getsignal(signum))
+        except (OSError, ValueError):
+            handlers.append(None)
+    return tuple(handlers)
+
+
 _THREAD_BOOTSTRAP = frozenset({"_bootstrap", "_bootstrap_inner", "run"})
 _KINDS = {
     "cycle": "a wait-for cycle (each thread waits for the next)",
+    "self": "a thread waits for a lock it holds itself, and no other thread is left running "
+    "that could release it",
     "blocked": "every thread of the test is blocked, and nothing left running can end the waits",
 }
 
@@ -569,7 +646,11 @@ class _FactoryMeta(type):
 class _tracked_lock(metaclass=_FactoryMeta):
     _real = threading.Lock
 
-    def __new__(cls) -> TrackedLock:  # type: ignore[misc]
+    def __new__(cls) -> Any:
+        # importlib makes its module locks with _thread.allocate_lock() and has deadlock
+        # detection of its own; its locks are signals between importing threads.
+        if sys._getframe(1).f_code.co_filename.startswith("<frozen"):
+            return _real_allocate_lock()
         return TrackedLock()
 
 
@@ -652,24 +733,35 @@ class tracking:
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
-        global TRACKER
+        global TRACKER, _ACTIVE
         with _install_lock:
-            if TRACKER is not None:
-                raise RuntimeError("lock tracking is already active")
+            if _ACTIVE is not None:
+                # A body that was abandoned (a timeout ended the wait for it) never ended its
+                # tracking; the new body takes over.
+                _ACTIVE._restore()
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
             patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
             self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
             for owner, name, replacement in patches:
                 setattr(owner, name, replacement)
+            _ACTIVE = self
         return tracker
 
     def __exit__(self, *exc_info: object) -> None:
-        global TRACKER
         with _install_lock:
-            for owner, name, original in self._saved:
-                setattr(owner, name, original)
-            self._saved = []
-            TRACKER = None
+            if _ACTIVE is self:
+                self._restore()
+
+    def _restore(self) -> None:
+        global TRACKER, _ACTIVE
+        for owner, name, original in self._saved:
+            setattr(owner, name, original)
+        self._saved = []
+        TRACKER = None
+        _ACTIVE = None
+
+
+_ACTIVE: tracking | None = None
 
 
 def started_threads(tracker: Tracker) -> Iterator[threading.Thread]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import selectors
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -72,11 +73,22 @@ class WatchingSelector(selectors.BaseSelector):
     def _fail(loop: WatchedLoop) -> None:
         """Fail the test body where it awaits; failing that, fail the loop itself."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        error = _locks.DeadlockError(_report(loop))
+        report = _report(loop)
+        error = _locks.DeadlockError(report)
+        tracker = _locks.TRACKER
+        if tracker is not None:
+            # Threads blocked in tracked waits for this loop (an executor job waiting on an
+            # Event) unwind too, so the loop's executor can shut down.
+            tracker.set_verdict(report)
         body = loop.body_task
         # The future the body's task is parked on (Task._fut_waiter, private: the only way
-        # to wake the body with the error where the user's code awaits).
+        # to wake the body with the error where the user's code awaits), through any tasks
+        # it awaits, down to a plain future.
         waiter = getattr(body, "_fut_waiter", None) if body is not None else None
+        seen = 0
+        while isinstance(waiter, asyncio.Task) and seen < 100:
+            waiter = getattr(waiter, "_fut_waiter", None)
+            seen += 1
         if (
             isinstance(waiter, asyncio.Future)
             and not isinstance(waiter, asyncio.Task)
@@ -89,46 +101,39 @@ class WatchingSelector(selectors.BaseSelector):
 
     def _stuck(self) -> bool:
         loop = self.loop
-        if loop is None or loop.pending_jobs or len(self._inner.get_map()) > 1:
+        if loop is None or len(self._inner.get_map()) > 1:
             return False
+        if getattr(loop, "_signal_handlers", None):
+            return False  # loop.add_signal_handler: a signal may wake it
         tracker = _locks.TRACKER
         passive = tracker.passive_threads if tracker is not None else frozenset()
         waits = tracker.snapshot() if tracker is not None else {}
+        if tracker is not None and not tracker.handlers_unchanged():
+            return False  # a signal handler the test installed may wake it
         me = threading.get_ident()
+        frames = sys._current_frames()
         for thread in threading.enumerate():
             ident = thread.ident
             if ident == me or ident in passive or not thread.is_alive():
                 continue
-            if thread.name.startswith("asyncio_"):
-                continue  # the default executor's idle workers: no job is pending
             wait = waits.get(ident) if ident is not None else None
-            if wait is None or wait.timeout is not None:
+            if wait is not None and wait.timeout is None:
+                continue  # blocked in a tracked wait: it wakes nobody
+            if _locks.can_wake(thread, frames):
                 return False  # a thread at work could still wake the loop
         return any(not task.done() for task in asyncio.all_tasks(loop))
 
 
 @final
 class WatchedLoop(asyncio.SelectorEventLoop):
-    """A selector event loop that counts its pending executor jobs and watches its select."""
+    """A selector event loop whose select() notices when it would block forever."""
 
     def __init__(self) -> None:
         selector = WatchingSelector()
         super().__init__(selector)
         selector.loop = self
-        self.pending_jobs = 0
         # The task running the test body, set while it runs (see BodyCall.call_async).
         self.body_task: asyncio.Task[Any] | None = None
-
-    def run_in_executor(  # type: ignore[override]
-        self, executor: Any, func: Callable[..., Any], *args: Any
-    ) -> asyncio.Future[Any]:
-        future = super().run_in_executor(executor, func, *args)
-        self.pending_jobs += 1
-        future.add_done_callback(self._job_done)
-        return future
-
-    def _job_done(self, future: asyncio.Future[Any]) -> None:
-        self.pending_jobs -= 1
 
 
 def new_loop() -> asyncio.AbstractEventLoop:

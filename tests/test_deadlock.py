@@ -83,7 +83,8 @@ def test_lock_cycle_fails_at_once_with_the_cycle_drawn(
     lock.acquire()
 """,
             [
-                "*deadlock: a wait-for cycle*",
+                "*deadlock: a thread waits for a lock it holds itself, and no other thread is "
+                "left running that could release it",
                 "*thread 'concur-test_x[[]thread[]]' waits for Lock created at *:6 in test_x, "
                 "held by 'concur-test_x[[]thread[]]'",
             ],
@@ -555,3 +556,132 @@ def test_unblocked_threads_are_not_reported_again_as_background_errors(
     result.assert_outcomes(failed=1, passed=1)
     assert result.stdout.str().count("pytest-concur: deadlock: a wait-for cycle") == 1
     assert "an exception was raised in thread" not in result.stdout.str()
+
+
+def test_a_timed_out_body_leaves_nothing_installed(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import threading, time, _thread
+        import pytest
+
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.5, method="signal")
+        def test_times_out():
+            time.sleep(3)
+
+        @pytest.mark.backend("thread")
+        def test_next_backend_test():
+            lock = threading.Lock()
+            with lock:
+                pass
+
+        def test_restored():
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+            assert now == ORIGINAL
+        """
+    )
+    run(pytester).assert_outcomes(failed=1, passed=2)
+
+
+NOT_DEADLOCKS = """
+import asyncio, copy, signal, sys, threading, time
+import pytest
+
+pytestmark = pytest.mark.backend({backends})
+
+def test_threads_import_the_same_module_at_once(tmp_path, monkeypatch):
+    (tmp_path / "slowmod.py").write_text("import time\\ntime.sleep(0.3)\\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def work():
+        import slowmod  # noqa: F401
+
+    threads = [threading.Thread(target=work) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+def test_lock_released_by_another_thread():
+    handoff = threading.Lock()
+    handoff.acquire()
+    threading.Timer(0.1, handoff.release).start()
+    handoff.acquire()  # waits for the timer thread to release it
+    handoff.release()
+
+def test_try_lock_in_the_other_order():
+    a, b = threading.Lock(), threading.Lock()
+    with a:
+        with b:
+            pass
+    with b:
+        if a.acquire(blocking=False):
+            a.release()
+        if a.acquire(timeout=0.01):
+            a.release()
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGALRM")
+def test_signal_handler_sets_the_event():
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers run in the main thread")
+    event = threading.Event()
+    previous = signal.signal(signal.SIGALRM, lambda *args: event.set())
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        assert event.wait()
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+
+def test_a_lock_cannot_be_copied():
+    with pytest.raises(TypeError):
+        copy.copy(threading.Lock())
+"""
+
+
+def test_more_correct_code_stays_green(pytester: pytest.Pytester, backend_name: str) -> None:
+    pytester.makepyfile(NOT_DEADLOCKS.format(backends=repr(backend_name)))
+    result = run(pytester, "-W", "error", "-rs")
+    outcomes = result.parseoutcomes()
+    assert outcomes.get("failed", 0) == 0, result.stdout.str()
+    assert outcomes.get("errors", 0) == 0, result.stdout.str()
+    assert outcomes["passed"] + outcomes.get("skipped", 0) == 5
+
+
+def test_executor_job_waiting_on_an_event_nobody_sets(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, threading
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        async def test_to_thread_waits_forever():
+            await asyncio.to_thread(threading.Event().wait)
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*deadlock: every task of the event loop waits*"])
+
+
+def test_detection_works_with_pytest_timeouts_thread_method(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_event():
+            threading.Event().wait()
+
+        def test_next():
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("--timeout=20", "--timeout-method=thread", timeout=60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*deadlock: every thread of the test is blocked*"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 import threading
@@ -49,6 +50,11 @@ class _ThreadRunner:
             # Interruptible by signals (pytest-timeout, ^C) on POSIX.
             worker.join()
         except BaseException as interruption:
+            # We give up on the body (a timeout, ^C): it may never return to end its
+            # checks' watches, which patched process-wide things; end them from here.
+            for watch in reversed(call.watches):
+                with contextlib.suppress(Exception):
+                    watch.end(True)
             raise _interrupted(interruption, worker) from None
         if error:
             exc = error[0]
@@ -74,7 +80,12 @@ def _interrupted(exc: BaseException, worker: threading.Thread) -> BaseException:
     ]
     for thread in threads:
         frame = frames.get(thread.ident or -1)
-        if frame is not None and hasattr(exc, "add_note"):
-            stack = "".join(traceback.format_stack(frame))
-            exc.add_note(f"The test body's thread {thread.name!r} was at:\n{stack.rstrip()}")
+        if frame is None:
+            continue
+        stack = "".join(traceback.format_stack(frame))
+        note = f"The test body's thread {thread.name!r} was at:\n{stack.rstrip()}"
+        if sys.version_info >= (3, 11):
+            exc.add_note(note)
+        else:  # pragma: no cover - exercised by the py310 tox env
+            print(note, file=sys.stderr)  # shown with the failure, as captured stderr
     return exc.with_traceback(None)

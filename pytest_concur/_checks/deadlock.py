@@ -9,6 +9,7 @@ inversions (potential deadlocks) are reported when the body ends, as failures by
 from __future__ import annotations
 
 import threading
+import time
 import warnings
 from typing import final
 
@@ -63,10 +64,15 @@ class DeadlockWatch:
         try:
             if tracker.verdict is not None:
                 # The threads we unblocked are unwinding with DeadlockError; let them finish
-                # while our tracking still stands, so they release what they hold.
+                # while our tracking still stands, so they release what they hold (one
+                # second for all of them: some may be busy elsewhere, in time.sleep say).
+                deadline = time.monotonic() + 1.0
                 for thread in tracker.started:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
                     if thread.is_alive() and thread is not threading.current_thread():
-                        _locks._real_join(thread, 1.0)
+                        _locks._real_join(thread, remaining)
         finally:
             tracking.__exit__(None, None, None)
         if tracker.verdict is not None and not failed:
