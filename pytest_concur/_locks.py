@@ -647,9 +647,7 @@ class _tracked_lock(metaclass=_FactoryMeta):
     _real = threading.Lock
 
     def __new__(cls) -> Any:
-        # importlib makes its module locks with _thread.allocate_lock() and has deadlock
-        # detection of its own; its locks are signals between importing threads.
-        if sys._getframe(1).f_code.co_filename.startswith("<frozen"):
+        if _untracked_maker(sys._getframe(1)):
             return _real_allocate_lock()
         return TrackedLock()
 
@@ -657,13 +655,39 @@ class _tracked_lock(metaclass=_FactoryMeta):
 class _tracked_rlock(metaclass=_FactoryMeta):
     _real = threading.RLock
 
-    def __new__(cls, *args: object, **kwargs: object) -> TrackedLock:  # type: ignore[misc]
+    def __new__(cls, *args: object, **kwargs: object) -> Any:
+        if _untracked_maker(sys._getframe(1)):
+            return _real_rlock()
         return TrackedLock(reentrant=True)
 
 
-def _tracked_signal_lock() -> TrackedLock:
-    # Condition.wait's waiter: acquired by the waiter, released by the notifier.
+def _tracked_signal_lock() -> Any:
+    # Condition.wait's waiter: acquired by the waiter, released by the notifier. A condition
+    # whose own lock is not tracked gets an untracked waiter too.
+    caller = sys._getframe(1)
+    condition = caller.f_locals.get("self") if caller.f_code.co_name == "wait" else None
+    if condition is not None and not isinstance(getattr(condition, "_lock", None), TrackedLock):
+        return _real_allocate_lock()
     return TrackedLock(signal=True)
+
+
+# Who makes locks we leave untracked: importlib (module locks are signals between importing
+# threads, and it detects its own deadlocks), and multiprocessing and process pools, whose
+# threads wait on other processes through pipes and semaphores we cannot see.
+_UNTRACKED_MAKERS = (
+    "<frozen importlib",
+    os.path.join("multiprocessing", ""),
+    os.path.join("concurrent", "futures", "process.py"),
+)
+
+
+def _untracked_maker(frame: FrameType | None) -> bool:
+    while frame is not None and frame.f_code.co_filename.endswith("threading.py"):
+        frame = frame.f_back  # a Condition or Event made by someone else
+    if frame is None:
+        return False
+    filename = frame.f_code.co_filename
+    return any(part in filename for part in _UNTRACKED_MAKERS)
 
 
 def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:
