@@ -36,6 +36,7 @@ from __future__ import annotations
 import _thread
 import dataclasses
 import os
+import signal
 import sys
 import threading
 import time
@@ -355,8 +356,8 @@ class Tracker:
         self.started: list[threading.Thread] = []
         self.starting = 0
         self._last_look = 0.0
-        # Signal handlers at the start: one installed since can wake the main thread.
-        self._handlers = _signal_handlers()
+        # Set when the body installs a signal handler, which can wake the main thread.
+        self.handler_installed = False
         self.waits: dict[int, Wait] = {}
         self.verdict: str | None = None
         # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
@@ -455,8 +456,8 @@ class Tracker:
                 self.verdict = verdict
 
     def handlers_unchanged(self) -> bool:
-        """Whether the process's signal handlers are those it had when the body began."""
-        return _signal_handlers() == self._handlers
+        """Whether the body has left signal handlers as they were."""
+        return not self.handler_installed
 
     def snapshot(self) -> dict[int, Wait]:
         """Who waits for what, now."""
@@ -565,18 +566,6 @@ def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
     return True
 
 
-def _signal_handlers() -> tuple[object, ...]:
-    import signal
-
-    handlers = []
-    for signum in sorted(signal.valid_signals()):
-        try:
-            handlers.append(signal.getsignal(signum))
-        except (OSError, ValueError):
-            handlers.append(None)
-    return tuple(handlers)
-
-
 _THREAD_BOOTSTRAP = frozenset({"_bootstrap", "_bootstrap_inner", "run"})
 _KINDS = {
     "cycle": "a wait-for cycle (each thread waits for the next)",
@@ -628,6 +617,7 @@ def _inversion_report(held: TrackedLock, taken: TrackedLock, site: str, earlier_
 TRACKER: Tracker | None = None
 _install_lock = _real_allocate_lock()
 _real_join = threading.Thread.join
+_real_signal = signal.signal
 _real_start = threading.Thread.start
 
 
@@ -723,6 +713,13 @@ def _quiet_hook(previous: Callable[[Any], object]) -> Callable[[Any], object]:
     return hook
 
 
+def _tracked_signal(signalnum: int, handler: Any) -> Any:
+    tracker = TRACKER
+    if tracker is not None:
+        tracker.handler_installed = True
+    return _real_signal(signalnum, handler)
+
+
 def _tracked_start(self: threading.Thread) -> None:
     tracker = TRACKER
     if tracker is None:
@@ -744,6 +741,7 @@ _PATCHES: list[tuple[Any, str, Any]] = [
     (_thread, "RLock", _tracked_rlock),
     (threading.Thread, "join", _tracked_join),
     (threading.Thread, "start", _tracked_start),
+    (signal, "signal", _tracked_signal),
 ]
 
 
