@@ -23,3 +23,7 @@ def _isolate_inner_runs(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
     if "pytester" in request.fixturenames:
         request.getfixturevalue("pytester")  # it clears PYTEST_ADDOPTS when it starts
         monkeypatch.setenv("PYTEST_ADDOPTS", "-p no:asyncio -W default")
+        # Under CI, pytest neither truncates summary lines nor assertion diffs; inner runs
+        # should print what a developer's terminal shows, wherever this suite runs.
+        monkeypatch.delenv("CI", raising=False)
+        monkeypatch.delenv("BUILD_NUMBER", raising=False)
