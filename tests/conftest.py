@@ -1,5 +1,12 @@
 from __future__ import annotations
 
+# Imported here, in the outer process, so that pytester's inline runs (which drop the
+# modules they imported when they end) never unload and re-import them: re-importing the
+# single-phase C extension behind multiprocessing.synchronize on 3.10 left it with a
+# garbage SEM_VALUE_MAX once, in CI.
+import concurrent.futures.process  # noqa: F401
+import multiprocessing.synchronize  # noqa: F401
+
 import pytest
 
 pytest_plugins = ["pytester"]
