@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping
-from typing import final
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, final
 
 import pytest
 
@@ -39,50 +39,51 @@ class BackendRegistry(Mapping[str, Backend]):
 
 def collect(config: pytest.Config) -> BackendRegistry:
     """Ask every plugin for its backends and check them; raise a usage error on a bad one."""
-    found: dict[str, Backend] = {}
-    # pluggy returns results newest plugin first and ``trylast`` ones last; reversed, the
-    # built-ins come first and third-party backends follow in the order they registered.
-    for backends in reversed(config.hook.pytest_concur_add_backends(config=config)):
-        for backend in backends or ():
-            origin = type(backend).__module__
-            name = getattr(backend, "name", None)
-            if not isinstance(backend, Backend) or not isinstance(name, str):
-                raise pytest.UsageError(
-                    f"pytest-concur: pytest_concur_add_backends returned {backend!r} "
-                    f"(from {origin}), which is not a backend: it needs a str 'name', a str "
-                    "'description' and a 'start(item)' method (see pytest_concur.Backend)."
-                )
-            if not _NAME.match(name):
-                raise pytest.UsageError(
-                    f"pytest-concur: {origin} registers a backend named {name!r}; a backend "
-                    "name must be a Python identifier (letters, digits and '_')."
-                )
-            if name in found:
-                raise pytest.UsageError(
-                    f"pytest-concur: backend {name!r} is registered twice, by "
-                    f"{type(found[name]).__module__} and by {origin}; rename one of them."
-                )
-            found[name] = backend
-    return BackendRegistry(found)
+    results = config.hook.pytest_concur_add_backends(config=config)
+    backends = _gather(results, "backend", Backend, "start(item)", identifier=True)
+    return BackendRegistry(backends)
 
 
 def collect_checks(config: pytest.Config) -> tuple[Check, ...]:
     """Ask every plugin for its checks and check them; raise a usage error on a bad one."""
-    found: dict[str, Check] = {}
-    for checks in reversed(config.hook.pytest_concur_add_checks(config=config)):
-        for check in checks or ():
-            origin = type(check).__module__
-            name = getattr(check, "name", None)
-            if not isinstance(check, Check) or not isinstance(name, str):
+    results = config.hook.pytest_concur_add_checks(config=config)
+    return tuple(_gather(results, "check", Check, "watch(item)", identifier=False).values())
+
+
+def _gather(
+    results: list[Sequence[Any] | None],
+    kind: str,
+    protocol: type,
+    method: str,
+    *,
+    identifier: bool,
+) -> dict[str, Any]:
+    """The objects the hook's implementations returned, by name, checked.
+
+    pluggy returns results newest plugin first and ``trylast`` ones last; reversed, the
+    built-ins come first and third-party ones follow in the order they registered.
+    """
+    found: dict[str, Any] = {}
+    for objects in reversed(results):
+        for obj in objects or ():
+            origin = type(obj).__module__
+            name = getattr(obj, "name", None)
+            if not isinstance(obj, protocol) or not isinstance(name, str):
                 raise pytest.UsageError(
-                    f"pytest-concur: pytest_concur_add_checks returned {check!r} (from "
-                    f"{origin}), which is not a check: it needs a str 'name', a str "
-                    "'description' and a 'watch(item)' method (see pytest_concur.Check)."
+                    f"pytest-concur: pytest_concur_add_{kind}s returned {obj!r} (from "
+                    f"{origin}), which is not a {kind}: it needs a str 'name', a str "
+                    f"'description' and a '{method}' method (see pytest_concur."
+                    f"{protocol.__name__})."
+                )
+            if identifier and not _NAME.match(name):
+                raise pytest.UsageError(
+                    f"pytest-concur: {origin} registers a {kind} named {name!r}; a {kind} "
+                    "name must be a Python identifier (letters, digits and '_')."
                 )
             if name in found:
                 raise pytest.UsageError(
-                    f"pytest-concur: check {name!r} is registered twice, by "
+                    f"pytest-concur: {kind} {name!r} is registered twice, by "
                     f"{type(found[name]).__module__} and by {origin}; rename one of them."
                 )
-            found[name] = check
-    return tuple(found.values())
+            found[name] = obj
+    return found

@@ -275,3 +275,43 @@ def test_conftest_check_watches_bodies_where_they_run(
                 "*the body left environment variables behind: CONCUR_BOTH",
             ]
         )
+
+
+@pytest.mark.parametrize(
+    ("returned", "message"),
+    [
+        pytest.param(
+            "[object()]",
+            "ERROR: pytest-concur: pytest_concur_add_checks returned <object object at *> "
+            "(from builtins), which is not a check: it needs a str 'name', a str "
+            "'description' and a 'watch(item)' method (see pytest_concur.Check).",
+            id="not-a-check",
+        ),
+        pytest.param(
+            "[Named('deadlock')]",
+            "ERROR: pytest-concur: check 'deadlock' is registered twice, by "
+            "pytest_concur._checks.deadlock and by conftest; rename one of them.",
+            id="duplicate",
+        ),
+    ],
+)
+def test_bad_check_registrations_are_usage_errors(
+    pytester: pytest.Pytester, returned: str, message: str
+) -> None:
+    pytester.makeconftest(
+        f"""
+        class Named:
+            description = "x"
+            def __init__(self, name):
+                self.name = name
+            def watch(self, item):
+                return None
+
+        def pytest_concur_add_checks(config):
+            return {returned}
+        """
+    )
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
