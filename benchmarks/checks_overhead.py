@@ -14,11 +14,12 @@ goal is under 0.1 ms). Best of ``--repeat`` runs each, so noise only makes it lo
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import best_run
 
 BODY = """
 import pytest
@@ -40,23 +41,6 @@ def pytest_concur_add_checks(config):
     from pytest_concur._checks.deadlock import DeadlockCheck
     return {checks}
 """
-
-
-def run(folder: Path, *args: str, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-        )
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"pytest {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-        best = min(best, elapsed)
-    return best
 
 
 def micro(count: int) -> dict[str, tuple[float, float]]:
@@ -122,7 +106,9 @@ def main() -> None:
         )
         for backend in ("thread", "asyncio"):
             args = (f"--concur-backends={backend}",)
-            times = {label: run(folders[label], *args, repeat=options.repeat) for label in cases}
+            times = {
+                label: best_run(folders[label], *args, repeat=options.repeat) for label in cases
+            }
             leak = (times["all built-in"] - times["deadlock only"]) / n * 1000
             print(
                 f"{backend:8} "

@@ -13,11 +13,11 @@ start methods of the process backend are measured too.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from _common import best_run
 
 BODY = """
 import pytest
@@ -26,23 +26,6 @@ import pytest
 def test_sync(n):
     assert n >= 0
 """
-
-
-def run(folder: Path, *args: str, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-        )
-        elapsed = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"pytest {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
-        best = min(best, elapsed)
-    return best
 
 
 def main() -> None:
@@ -70,7 +53,7 @@ def main() -> None:
         print(f"{n} trivial tests, best of {options.repeat} runs, Python {sys.version.split()[0]}")
         print(f"{'run':24} {'total s':>8} {'per test ms':>12} {'vs plain':>9}")
         for label, args in cases:
-            total = run(folder, *args, repeat=options.repeat)
+            total = best_run(folder, *args, repeat=options.repeat)
             if baseline is None:
                 baseline = total
             per_test = (total - baseline) / n * 1000 if baseline != total else 0.0

@@ -98,30 +98,48 @@ def test_unknown_name_lists_third_party_backends_too(pytester: pytest.Pytester) 
 
 
 @pytest.mark.parametrize(
-    ("returned", "message"),
+    ("hook", "returned", "message"),
     [
         pytest.param(
+            "backends",
             "[object()]",
             "ERROR: pytest-concur: pytest_concur_add_backends returned <object object at *> "
             "(from builtins), which is not a backend*",
             id="not-a-backend",
         ),
         pytest.param(
+            "backends",
             "[Named('two words')]",
             "ERROR: pytest-concur: conftest registers a backend named 'two words'; a backend "
             "name must be a Python identifier*",
-            id="bad-name",
+            id="bad-backend-name",
         ),
         pytest.param(
+            "backends",
             "[Named('thread')]",
             "ERROR: pytest-concur: backend 'thread' is registered twice, by "
             "pytest_concur._backends.thread and by conftest; rename one of them.",
-            id="duplicate",
+            id="duplicate-backend",
+        ),
+        pytest.param(
+            "checks",
+            "[object()]",
+            "ERROR: pytest-concur: pytest_concur_add_checks returned <object object at *> "
+            "(from builtins), which is not a check: it needs a str 'name', a str "
+            "'description' and a 'watch(item)' method (see pytest_concur.Check).",
+            id="not-a-check",
+        ),
+        pytest.param(
+            "checks",
+            "[Named('deadlock')]",
+            "ERROR: pytest-concur: check 'deadlock' is registered twice, by "
+            "pytest_concur._checks.deadlock and by conftest; rename one of them.",
+            id="duplicate-check",
         ),
     ],
 )
 def test_bad_registrations_are_usage_errors(
-    pytester: pytest.Pytester, returned: str, message: str
+    pytester: pytest.Pytester, hook: str, returned: str, message: str
 ) -> None:
     pytester.makeconftest(
         f"""
@@ -131,8 +149,10 @@ def test_bad_registrations_are_usage_errors(
                 self.name = name
             def start(self, item):
                 raise NotImplementedError
+            def watch(self, item):
+                return None
 
-        def pytest_concur_add_backends(config):
+        def pytest_concur_add_{hook}(config):
             return {returned}
         """
     )
@@ -275,43 +295,3 @@ def test_conftest_check_watches_bodies_where_they_run(
                 "*the body left environment variables behind: CONCUR_BOTH",
             ]
         )
-
-
-@pytest.mark.parametrize(
-    ("returned", "message"),
-    [
-        pytest.param(
-            "[object()]",
-            "ERROR: pytest-concur: pytest_concur_add_checks returned <object object at *> "
-            "(from builtins), which is not a check: it needs a str 'name', a str "
-            "'description' and a 'watch(item)' method (see pytest_concur.Check).",
-            id="not-a-check",
-        ),
-        pytest.param(
-            "[Named('deadlock')]",
-            "ERROR: pytest-concur: check 'deadlock' is registered twice, by "
-            "pytest_concur._checks.deadlock and by conftest; rename one of them.",
-            id="duplicate",
-        ),
-    ],
-)
-def test_bad_check_registrations_are_usage_errors(
-    pytester: pytest.Pytester, returned: str, message: str
-) -> None:
-    pytester.makeconftest(
-        f"""
-        class Named:
-            description = "x"
-            def __init__(self, name):
-                self.name = name
-            def watch(self, item):
-                return None
-
-        def pytest_concur_add_checks(config):
-            return {returned}
-        """
-    )
-    pytester.makepyfile("def test_plain(): pass")
-    result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines([message])
