@@ -60,6 +60,7 @@ _STDLIB_SYNC = (
     os.path.join("asyncio", ""),
     os.path.join("multiprocessing", ""),
     __file__,
+    os.path.join(os.path.dirname(__file__), "_workers.py"),  # the concur fixture's joins
 )
 # The public blocking calls we name in diagnoses, by the stdlib function that blocks.
 _BLOCKING_CALLS = {
@@ -87,6 +88,13 @@ class DeadlockError(RuntimeError):
 
 
 DeadlockError.__module__ = "pytest_concur"  # its public home, in reports and pickles
+
+
+class HangError(RuntimeError):
+    """Raised in a hung test's threads when pytest-concur gives up on it at its deadline."""
+
+
+HangError.__module__ = "pytest_concur"
 
 
 def _is_machinery(frame: FrameType) -> bool:
@@ -360,6 +368,8 @@ class Tracker:
         self.handler_installed = False
         self.waits: dict[int, Wait] = {}
         self.verdict: str | None = None
+        # Set when the test is given up on at its deadline (see _hang.release).
+        self.abandoned: str | None = None
         # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
         self.order: dict[tuple[int, int], tuple[TrackedLock, TrackedLock, str]] = {}
         self.inversions: list[str] = []
@@ -414,6 +424,8 @@ class Tracker:
                 self._look(wait, first=True)
             slice_ = _SLICE
             while True:
+                if self.abandoned is not None:
+                    raise HangError(self.abandoned)
                 if self.verdict is not None:
                     raise DeadlockError(self.verdict)
                 if deadline is not None:
@@ -448,6 +460,10 @@ class Tracker:
                     self.verdict = _render(finding, waits)
         if self.verdict is not None:
             raise DeadlockError(self.verdict)
+
+    def abandon(self, why: str) -> None:
+        """Give up on the test: every tracked wait of it raises HangError."""
+        self.abandoned = why
 
     def set_verdict(self, verdict: str) -> None:
         """Declare the test deadlocked: every tracked wait of it raises DeadlockError."""

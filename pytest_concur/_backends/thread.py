@@ -71,8 +71,10 @@ def _interrupted(exc: BaseException, worker: threading.Thread) -> BaseException:
     """The exception that stopped our wait (a timeout, ^C), told where the body was.
 
     Its traceback would only show this thread waiting in ``Thread.join``: drop it, and say
-    where the body's thread stands instead.
+    where the body's thread stands instead (pytest-concur's own deadline has said it all).
     """
+    if getattr(exc, "concur_hang_report", False):
+        return exc
     frames = sys._current_frames()
     # In stress mode the copies run in threads named after the body's (see _stress).
     threads = [worker] + [
