@@ -21,6 +21,20 @@ The design, and what it keeps true:
   failed does a skip or an xfail decide. Identical failures (same type, message and line)
   are shown once, with the indexes of the copies that hit them; each different failure is
   shown once too, in a section under the first.
+- **Each copy its own temporary directory.** When the test function takes ``tmp_path`` (or
+  ``tmpdir``), copy ``i`` gets ``<the item's tmp_path>/copy<i>``, made before any copy
+  starts. Subdirectories rather than new directories from ``tmp_path_factory``: every copy
+  is treated alike (copy 0 is not the one that happens to see what fixtures wrote), what
+  fixtures wrote is one ``.parent`` away for all of them, and pytest's retention policy
+  for the item's directory covers the copies' too.
+- **The copy hooks run in the copy** (:func:`with_copy_hooks`): ``pytest_concur_copy_setup``
+  before the copies are let go together, the body, then ``pytest_concur_copy_teardown``,
+  all in the copy's thread, task or child, inside the checks' watch.
+- **Problems of the group are pinned on copies where they can be.** While the copies run,
+  ``Thread.start`` notes which copy started each thread (a context variable holds the
+  copy's index; threads started by those threads inherit it). A check's report that names
+  a thread still running that a copy started becomes that copy's failure, and goes through
+  the grouping like any other; the rest is reported for the item.
 """
 
 from __future__ import annotations
@@ -28,18 +42,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import inspect
+import os
 import sys
+import tempfile
 import threading
+import traceback
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pluggy
 import pytest
 
-from pytest_concur._backends.base import _report, check_result
+import pytest_concur
+from pytest_concur import _locks
+from pytest_concur._backends.base import check_result
 from pytest_concur._locks import DeadlockError
 
 if TYPE_CHECKING:
-    from pytest_concur._backends.base import BodyCall
+    from pytest_concur._backends.base import BodyCall, Watch
 
 INDEX = "worker_index"
 COUNT = "worker_count"
@@ -52,9 +75,20 @@ SWITCH_INTERVAL = 1e-6
 BARRIER_TIMEOUT = 10.0
 SECTION = "pytest-concur: copies"
 
+SETUP_HOOK = "pytest_concur_copy_setup"
+TEARDOWN_HOOK = "pytest_concur_copy_teardown"
+
 _SECTION_TEXT = pytest.StashKey[str]()
 # Items that asked for several copies but ran one, by reason.
 _SERIAL = pytest.StashKey[dict[str, int]]()
+# The index of the copy whose code is running: set in each copy's own context (its thread's
+# or its task's), so that what a copy starts can be traced back to it.
+_COPY_INDEX: contextvars.ContextVar[int] = contextvars.ContextVar("concur_copy_index")
+# Frames of these are left out of a failing copy hook's traceback: they are the machinery.
+_MACHINERY = (
+    os.path.join(os.path.dirname(pluggy.__file__), ""),
+    os.path.join(os.path.dirname(pytest_concur.__file__), ""),
+)
 
 
 # -- how many copies --------------------------------------------------------------------
@@ -113,6 +147,209 @@ def copy_kwargs(kwargs: Mapping[str, Any], index: int, count: int) -> dict[str, 
     return own
 
 
+def copies_kwargs(kwargs: Mapping[str, Any], count: int) -> list[dict[str, Any]]:
+    """Each copy's arguments: its own index, and its own ``tmp_path`` / ``tmpdir``.
+
+    The directories are made here, before any copy starts: ``copy<i>`` in the item's own
+    temporary directory (see the module's docstring for why there).
+    """
+    own = [copy_kwargs(kwargs, index, count) for index in range(count)]
+    if count == 1:
+        return own
+    tmp_path = kwargs.get("tmp_path")
+    tmpdir = kwargs.get("tmpdir")
+    # Only pytest's own fixtures: a conftest.py may have replaced them with anything.
+    if not isinstance(tmp_path, Path):
+        tmp_path = None
+    if type(tmpdir).__name__ != "LocalPath":
+        tmpdir = None
+    base = tmp_path if tmp_path is not None else Path(tmpdir) if tmpdir is not None else None
+    if base is None:
+        return own
+    for index, arguments in enumerate(own):
+        path = _copy_dir(base, index)
+        if tmp_path is not None:
+            arguments["tmp_path"] = path
+        if tmpdir is not None:
+            arguments["tmpdir"] = type(tmpdir)(path)
+    return own
+
+
+def _copy_dir(base: Path, index: int) -> Path:
+    path = base / f"copy{index}"
+    try:
+        path.mkdir()
+    except FileExistsError:
+        # A fixture put something of that name there: a fresh name next to it instead.
+        path = Path(tempfile.mkdtemp(prefix=f"copy{index}-", dir=base))
+    return path
+
+
+# -- the copy hooks ----------------------------------------------------------------------
+
+
+def with_copy_hooks(
+    item: pytest.Item,
+    index: int,
+    count: int,
+    function: Callable[..., Any],
+    ready: Callable[[], object] | None = None,
+) -> Callable[..., Any]:
+    """``function`` as copy ``index`` of ``count``: setup hook, ``ready()``, body, teardown hook.
+
+    ``ready`` waits for the other copies; it is called after the setup hook, so that the
+    copies are let go together however long their setups took, and even when the setup
+    hook failed (the others must not wait for this copy in vain). Resolve this where the
+    item's hooks may be looked up (before the copies start); the wrapper may run anywhere.
+    Without implementations of the hooks nor ``ready``, ``function`` itself comes back.
+    """
+    hooks: Any = item.ihook
+    setup = hooks.pytest_concur_copy_setup
+    teardown = hooks.pytest_concur_copy_teardown
+    if not setup.get_hookimpls() and not teardown.get_hookimpls():
+        if ready is None:
+            return function
+        setup = teardown = None
+
+    def begin() -> BaseException | None:
+        outcome = _call_hook(setup, SETUP_HOOK, item, index, count)
+        if ready is not None:
+            ready()
+        return outcome
+
+    def end(outcome: BaseException | None) -> None:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        problem = _call_hook(teardown, TEARDOWN_HOOK, item, index, count)
+        if problem is not None:
+            outcome = _after_teardown(outcome, problem)
+        if outcome is not None:
+            try:
+                raise outcome
+            finally:
+                outcome = None  # no reference cycle through this frame
+
+    if inspect.iscoroutinefunction(function):
+
+        async def copy_async(**kwargs: Any) -> Any:
+            __tracebackhide__ = True  # the plugin's frames are not the user's
+            outcome = begin()
+            result = None
+            if outcome is None:
+                try:
+                    result = await function(**kwargs)
+                except BaseException as exc:  # every outcome, for the teardown hook to see
+                    outcome = exc
+            end(outcome)
+            return result
+
+        return copy_async
+
+    def copy(**kwargs: Any) -> Any:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        outcome = begin()
+        result = None
+        if outcome is None:
+            try:
+                result = function(**kwargs)
+            except BaseException as exc:  # every outcome, for the teardown hook to see
+                outcome = exc
+        end(outcome)
+        return result
+
+    return copy
+
+
+def warn_hooks_not_called(item: pytest.Item, method: str) -> None:
+    """Warn, if ``item`` has copy hooks, that a ``method`` child cannot call them."""
+    hooks: Any = item.ihook
+    if not (
+        hooks.pytest_concur_copy_setup.get_hookimpls()
+        or hooks.pytest_concur_copy_teardown.get_hookimpls()
+    ):
+        return
+    warning = pytest.PytestWarning(
+        f"pytest-concur: {SETUP_HOOK} and {TEARDOWN_HOOK} are not called for tests under "
+        f"the process backend started with {method}: the child has no pytest config nor "
+        "plugins to call them. Use --concur-start-method=fork to have them called, or "
+        "prepare each copy in the test itself (the worker_index fixture tells which copy "
+        "it is)."
+    )
+    # Shown at the test, which is what it is about, rather than at our code.
+    path, lineno, _ = item.reportinfo()
+    warnings.warn_explicit(warning, type(warning), str(path), (lineno or 0) + 1)
+
+
+def _call_hook(
+    caller: Any, name: str, item: pytest.Item, index: int, count: int
+) -> BaseException | None:
+    """Call a copy hook; what the copy ends with if it raised (``None`` if it did not)."""
+    if caller is None:
+        return None
+    try:
+        caller(item=item, worker_index=index, worker_count=count)
+    except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception) as exc:
+        return exc  # outcomes the hook asked for: they mean what they mean in a test
+    except (KeyboardInterrupt, SystemExit) as exc:
+        return exc
+    except BaseException as exc:
+        return _hook_failure(name, exc)
+    return None
+
+
+def _after_teardown(outcome: BaseException | None, problem: BaseException) -> BaseException:
+    """What a copy ends with when its teardown hook raised ``problem`` after ``outcome``."""
+    if outcome is None:
+        return problem
+    if isinstance(problem, pytest.fail.Exception):
+        # A failure outranks the body's skip, and joins the body's own failure.
+        return problem if _is_outcome(outcome) else _with_problem(outcome, str(problem))
+    if _is_outcome(problem):
+        return outcome  # a skip never hides what the body did
+    return problem  # pytest.exit, ^C: they end the run, whatever the body did
+
+
+def _hook_failure(name: str, error: BaseException) -> BaseException:
+    """The failure of a copy whose hook raised ``error``: where, the hook's traceback, a fix."""
+    from pytest_concur._checks._where import short_path
+
+    frames = [
+        frame
+        for frame in traceback.extract_tb(error.__traceback__)
+        if not frame.filename.startswith(_MACHINERY)
+    ]
+    where = f" at {short_path(frames[0].filename)}:{frames[0].lineno}" if frames else ""
+    consequence = (
+        "so this copy's body did not run" if name == SETUP_HOOK else "after this copy's body"
+    )
+    lines = [f"pytest-concur: the {name} hook raised{where}, {consequence}:"]
+    for frame in frames:
+        lines.append(f"  {short_path(frame.filename)}:{frame.lineno} in {frame.name}")
+        if frame.line:
+            lines.append(f"    {frame.line}")
+    lines.extend(
+        "  " + line.rstrip() for line in traceback.format_exception_only(type(error), error)
+    )
+    lines.append(
+        f"Fix that {name} implementation (a conftest.py or a plugin defines it): it is "
+        "called for every copy of every test that runs under a backend, so return early "
+        "where it does not apply."
+    )
+    return pytest.fail.Exception("\n".join(lines), pytrace=False)
+
+
+def _with_problem(error: BaseException | None, text: str) -> BaseException:
+    """A copy's outcome with a problem found about it: the failure, or a note on it."""
+    if error is None:
+        return pytest.fail.Exception(text, pytrace=False)
+    if sys.version_info >= (3, 11):
+        error.add_note(f"\npytest-concur also found:\n{text}")
+        return error
+    else:  # pragma: no cover - exercised by the py310 tox env
+        failure = pytest.fail.Exception(f"{error!r}\n\npytest-concur also found:\n{text}")
+        failure.__cause__ = error
+        return failure
+
+
 # -- running the copies -----------------------------------------------------------------
 
 
@@ -120,22 +357,31 @@ def run_threads(call: BodyCall) -> None:
     """Run ``call.workers`` copies of a sync body in threads; the caller's thread waits."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
     count = call.workers
+    item = call.item
     # Made before the watches begin: the barrier is our machinery, not the test's locks.
     barrier = threading.Barrier(count)
     results: list[BaseException | None] = [None] * count
-    nodeid = call.item.nodeid
+    nodeid = item.nodeid
+    arguments = copies_kwargs(call.kwargs, count)
+
+    def ready() -> None:
+        with contextlib.suppress(threading.BrokenBarrierError):  # a copy never came: go
+            barrier.wait(BARRIER_TIMEOUT)
+
+    bodies = [with_copy_hooks(item, i, count, call.function, ready) for i in range(count)]
 
     def copy(index: int) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        with contextlib.suppress(threading.BrokenBarrierError):  # a copy never came: go
-            barrier.wait(BARRIER_TIMEOUT)
+        _COPY_INDEX.set(index)  # in this copy's own context (see the threads below)
         try:
-            check_result(nodeid, call.function(**copy_kwargs(call.kwargs, index, count)))
+            check_result(nodeid, bodies[index](**arguments[index]))
         except BaseException as exc:  # every outcome goes back, skip and exit included
             results[index] = exc
 
     for watch in call.watches:
         watch.begin()
+    # Over the watches' own Thread.start; it notes until they ended (see _Starts).
+    starts = _Starts()
     name = threading.current_thread().name
     threads = [
         # Each copy runs in a copy of this thread's context (one context cannot be entered
@@ -148,15 +394,18 @@ def run_threads(call: BodyCall) -> None:
         )
         for index in range(count)
     ]
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(SWITCH_INTERVAL)
     try:
-        for thread in threads:
-            thread.start()
-        _join_all(threads)
+        previous = sys.getswitchinterval()
+        sys.setswitchinterval(SWITCH_INTERVAL)
+        try:
+            for thread in threads:
+                thread.start()
+            _join_all(threads)
+        finally:
+            sys.setswitchinterval(previous)
+        _finish(call, results, starts)
     finally:
-        sys.setswitchinterval(previous)
-    _finish(call, combine(call.item, results))
+        starts.close()
 
 
 def _join_all(threads: Sequence[threading.Thread]) -> None:
@@ -176,60 +425,207 @@ async def run_tasks(call: BodyCall) -> None:
     from pytest_concur._loopwatch import note_body_task
 
     count = call.workers
+    item = call.item
+    arguments = copies_kwargs(call.kwargs, count)
+    bodies = [with_copy_hooks(item, i, count, call.function) for i in range(count)]
+    tasks: list[asyncio.Task[BaseException | None]] = []
+    # The copy the test's deadline ended, if one did. Only touched on the loop's thread.
+    stopped: list[int] = []
+
+    def stop(index: int) -> None:
+        # Nothing would end the other copies now: sync ones, which run one after another,
+        # would each start with no deadline left; async ones may wait forever.
+        stopped.append(index)
+        for task in tasks:
+            if task is not asyncio.current_task() and not task.done():
+                task.cancel()
+
     forget = note_body_task()
     for watch in call.watches:
         watch.begin()
-    deadlock: DeadlockError | None = None
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(_task_copy(call, index, count)) for index in range(count)]
+    starts = _Starts()
     try:
+        deadlock: DeadlockError | None = None
+        loop = asyncio.get_running_loop()
+        tasks.extend(
+            # Named for the copy, so that a deadlock's or a hang's report says which is which.
+            loop.create_task(
+                _task_copy(call, bodies[index], arguments[index], index, stop),
+                name=f"concur-{item.name}-copy{index}",
+            )
+            for index in range(count)
+        )
         try:
-            await asyncio.wait(tasks)
-        except DeadlockError as exc:
-            # The loop watch woke us (the body's task) with its diagnosis: the copies that
-            # still wait are stuck for good. Cancel them and give them this error.
-            deadlock = exc
+            try:
+                await asyncio.wait(tasks)
+            except DeadlockError as exc:
+                # The loop watch woke us (the body's task) with its diagnosis: the copies
+                # that still wait are stuck for good. Cancel them and give them this error.
+                deadlock = exc
+                for task in tasks:
+                    task.cancel()
+                await asyncio.wait(tasks)
+        finally:
+            forget()
             for task in tasks:
-                task.cancel()
-            await asyncio.wait(tasks)
-    finally:
-        forget()
+                if not task.done():
+                    task.cancel()
+        results: list[BaseException | None] = []
         for task in tasks:
-            if not task.done():
-                task.cancel()
-    results: list[BaseException | None] = []
-    for task in tasks:
-        if task.cancelled():
-            outcome: BaseException | None = deadlock or asyncio.CancelledError()
-        else:
             # A copy returns its exception; only ^C and SystemExit come out of result().
-            outcome = task.result()
-            if deadlock is not None and isinstance(outcome, asyncio.CancelledError):
-                outcome = deadlock
-        results.append(outcome)
-    _finish(call, combine(call.item, results))
+            outcome = asyncio.CancelledError() if task.cancelled() else task.result()
+            if isinstance(outcome, asyncio.CancelledError):
+                if deadlock is not None:
+                    outcome = deadlock
+                elif stopped:
+                    outcome = pytest.skip.Exception(
+                        f"stopped: the test reached its deadline in copy {stopped[0]}"
+                    )
+            results.append(outcome)
+        _finish(call, results, starts)
+    finally:
+        starts.close()
 
 
-async def _task_copy(call: BodyCall, index: int, count: int) -> BaseException | None:
+async def _task_copy(
+    call: BodyCall,
+    body: Callable[..., Any],
+    kwargs: dict[str, Any],
+    index: int,
+    stop: Callable[[int], None],
+) -> BaseException | None:
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    _COPY_INDEX.set(index)  # in this task's own context
     try:
-        kwargs = copy_kwargs(call.kwargs, index, count)
         if call.is_async:
-            await call.function(**kwargs)
+            await body(**kwargs)
         else:
-            check_result(call.item.nodeid, call.function(**kwargs))
+            check_result(call.item.nodeid, body(**kwargs))
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # every outcome goes back, skip and cancellation included
+        if _is_deadline(exc):
+            stop(index)
         return exc
     return None
 
 
-def _finish(call: BodyCall, error: BaseException | None) -> None:
+def _is_deadline(error: BaseException) -> bool:
+    """Whether ``error`` is a timeout's: pytest-concur's deadline or pytest-timeout's."""
+    if getattr(error, "concur_hang_report", False):
+        return True
+    return isinstance(error, pytest.fail.Exception) and str(error).startswith("Timeout (>")
+
+
+def note_unfinished(
+    error: BaseException, running: Sequence[tuple[int, int | None]], count: int
+) -> None:
+    """Tell, on the ``error`` that ended the wait for the copies, which were still running.
+
+    ``running`` holds the index and the process id of each copy still running.
+    """
+    if not running:
+        return
+    indexes = [index for index, _ in running]
+    finished = [index for index in range(count) if index not in indexes]
+    pids = ", ".join(str(pid) for _, pid in running)
+    verb = "was" if len(running) == 1 else "were"
+    note = (
+        f"pytest-concur: {_copies(indexes, count)} {verb} still running when the wait for "
+        f"the copies ended (pid {pids})"
+    )
+    if finished:
+        note += f"; {_copies(finished, count)} had finished"
+    note += ". Every copy's process was stopped."
+    if isinstance(error, pytest.fail.Exception):
+        # pytest shows such a failure by its message alone (notes included only with a
+        # traceback): the note goes in the message.
+        error.msg = f"{error.msg}\n{note}" if error.msg else note
+    elif sys.version_info >= (3, 11):
+        error.add_note(note)
+    else:  # pragma: no cover - exercised by the py310 tox env
+        print(note, file=sys.stderr)  # shown with the failure, as captured stderr
+
+
+def _finish(call: BodyCall, results: list[BaseException | None], starts: _Starts) -> None:
+    """End the group's watches and raise the item's outcome from the copies' and theirs."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
-    _report(call.watches, error)
+    shared: list[str] = []
+    for problem in _end_watches(call.watches, any(r is not None for r in results)):
+        owners = starts.owners(problem)
+        for index in owners:
+            results[index] = _with_problem(results[index], problem)
+        if not owners:
+            shared.append(problem)
+    error = combine(call.item, results)
+    if shared:
+        error = _with_problem(error, "\n\n".join(shared))
     if error is not None:
         raise error
+
+
+def _end_watches(watches: Sequence[Watch], failed: bool) -> list[str]:
+    """End each watch (in reverse order, as ``base._report``): the problems they found."""
+    problems = []
+    for watch in reversed(watches):
+        try:
+            problem = watch.end(failed)
+        except Exception as error:  # a broken check must not hide the copies' outcomes
+            problem = f"check {type(watch).__qualname__} failed: {error!r}"
+        if problem:
+            problems.append(problem)
+    return problems
+
+
+class _Starts:
+    """Which copy started each thread started while the copies run.
+
+    ``Thread.start`` is wrapped from creation to :meth:`close`: a thread started where the
+    copy index is set (a copy's thread or task), or by a thread noted before, is noted with
+    that copy's index. Made after the watches began, it is closed only after they ended:
+    a thread a copy started may start another after the last copy returned, while the
+    threads check waits for stragglers. Ending, the deadlock check puts the real start
+    back (we only pass through from then on). Our state is only touched under our own lock.
+    """
+
+    def __init__(self) -> None:
+        self._lock = _locks._real_allocate_lock()  # never a tracked lock: our bookkeeping
+        self._active = True
+        self._copy_of: dict[threading.Thread, int] = {}
+        self._original = original = threading.Thread.start
+
+        def start(thread: threading.Thread) -> None:
+            self._note(thread)
+            original(thread)
+
+        self._start = start
+        threading.Thread.start = start  # type: ignore[method-assign, assignment]
+
+    def _note(self, thread: threading.Thread) -> None:
+        index = _COPY_INDEX.get(None)
+        starter = threading.current_thread()
+        with self._lock:
+            if not self._active:
+                return
+            if index is None:
+                index = self._copy_of.get(starter)
+            if index is not None:
+                self._copy_of[thread] = index
+
+    def close(self) -> None:
+        """Stop noting; if someone wrapped ``Thread.start`` over us, ours just passes through."""
+        with self._lock:
+            self._active = False
+        if threading.Thread.start is self._start:
+            threading.Thread.start = self._original  # type: ignore[method-assign]
+
+    def owners(self, report: str) -> list[int]:
+        """The copies that started a thread that is still running and that ``report`` names."""
+        with self._lock:
+            noted = list(self._copy_of.items())
+        return sorted(
+            {index for thread, index in noted if thread.is_alive() and repr(thread.name) in report}
+        )
 
 
 # -- one verdict from N outcomes ----------------------------------------------------------

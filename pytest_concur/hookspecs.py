@@ -51,3 +51,46 @@ def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check] | None:
     :param config: The pytest config object.
     :returns: A sequence of checks, or ``None`` when this plugin adds none.
     """
+
+
+@hookspec
+def pytest_concur_copy_setup(item: pytest.Item, worker_index: int, worker_count: int) -> None:
+    """Prepare one copy of ``item``'s body, where that copy runs, right before it.
+
+    Called once per copy of every body that runs under a backend: ``worker_count`` times
+    in stress mode (``workers=N``), each time with that copy's ``worker_index``, and once,
+    with index 0 and count 1, for a body that runs as a single copy. It runs in the copy's
+    own thread (``thread``), in its own task (``asyncio``, and async bodies under
+    ``thread``) or in its own child process (``process``), after the checks began to
+    watch, and before the copies are let go together; so a thread-local, a context
+    variable, a random seed or an environment variable set here is the copy's own.
+
+    It is not called for tests that run plainly (without a backend), nor in a ``process``
+    child started with ``spawn`` or ``forkserver``: such a child has no pytest config and
+    no plugins. An item that has implementations and runs there gets a ``PytestWarning``
+    saying so.
+
+    Every implementation is called, as for ``pytest_runtest_setup``; ``conftest.py``
+    implementations apply to the items of their directory. An exception fails that copy,
+    with the hook's traceback in the message, and its body does not run;
+    ``pytest.skip()`` skips the copy.
+
+    :param item: The test item whose body is about to run.
+    :param worker_index: Which copy this is, from 0.
+    :param worker_count: How many copies of the body run at once.
+    """
+
+
+@hookspec
+def pytest_concur_copy_teardown(item: pytest.Item, worker_index: int, worker_count: int) -> None:
+    """Undo :func:`pytest_concur_copy_setup` for one copy, where it ran, right after the body.
+
+    Called for each copy whose setup hook was called, whatever the body's outcome (and even
+    when the setup hook failed: undo only what is there), in the same thread, task or
+    child, before the checks end their watch. An exception fails a copy that passed or
+    skipped; for a copy that failed, it is added to the failure.
+
+    :param item: The test item whose body just ran.
+    :param worker_index: Which copy this is, from 0.
+    :param worker_count: How many copies of the body ran at once.
+    """

@@ -50,6 +50,10 @@ class Job:
     uses_recwarn: bool = False
     # Only for start methods that do not inherit the parent's memory (spawn, forkserver).
     warning_filters: list[Any] | None = None
+    # Which copy of the body this is, and of how many (stress mode; see pytest_concur._stress).
+    copy_index: tuple[int, int] = (0, 1)
+    # Where the child writes its threads' stacks when the parent asks (DUMP_SIGNAL).
+    stack_path: str | None = None
 
 
 @dataclasses.dataclass
@@ -87,6 +91,7 @@ class Outcome:
 # to stderr. Its default action is to be ignored, so a child that has not installed the
 # handler yet is not killed by it.
 DUMP_SIGNAL = getattr(signal, "SIGURG", None)
+_STACKS: Any = None  # the open file the stacks go to; faulthandler keeps only its fd
 # How long a stress-mode child waits for the others to start before it starts anyway.
 GO_TIMEOUT = 30.0
 
@@ -112,6 +117,8 @@ def main(
     if isinstance(job, bytes):
         job = pickle.loads(job)
     assert isinstance(job, Job)
+    if DUMP_SIGNAL is not None and job.stack_path is not None:
+        _install_stack_dump(job.stack_path)
     marks = (_mark(sys.stdout), _mark(sys.stderr))
     # Record the body's warnings to send them back, unless the test records them itself
     # (recwarn): then they are its business, inside the child.
@@ -122,8 +129,16 @@ def main(
         if job.warning_filters is not None:
             warnings.filters[:] = job.warning_filters  # type: ignore[index]
         try:
-            if go is not None:
-                go.wait(GO_TIMEOUT)
+            ready = (lambda: go.wait(GO_TIMEOUT)) if go is not None else None
+            if item is not None:
+                # Forked: the item and its hooks are here. The copy hooks run in this child,
+                # the setup one before the copies are let go together.
+                from pytest_concur._stress import with_copy_hooks
+
+                job.function = with_copy_hooks(item, *job.copy_index, job.function, ready)
+                ready = None
+            if ready is not None:
+                ready()
             _run(job)
         except BaseException as exc:
             outcome = _failure(exc, job, item)
@@ -139,6 +154,32 @@ def main(
                 stream.flush()
     conn.send_bytes(_dumps(outcome))
     conn.close()
+
+
+def _install_stack_dump(path: str) -> None:
+    """Answer the parent's DUMP_SIGNAL into ``path``, which its hang report reads.
+
+    Two answers: faulthandler's dump of every thread, written at once from the C signal
+    handler whatever the threads are doing; then, when the main thread next runs Python
+    code, pytest-concur's own report (the locks each thread holds, the wait it is in, the
+    tasks), which the parent prefers when it comes. Appending: processes forked from this
+    one inherit both handlers and the file.
+    """
+    global _STACKS
+    assert DUMP_SIGNAL is not None
+    with contextlib.suppress(Exception):
+        _STACKS = open(path, "a")  # noqa: SIM115 - open for the process's life
+        signal.signal(DUMP_SIGNAL, _report_to_parent)
+        faulthandler.register(DUMP_SIGNAL, file=_STACKS, all_threads=True, chain=True)
+
+
+def _report_to_parent(signum: int, frame: types.FrameType | None) -> None:
+    from pytest_concur import _hang
+
+    with contextlib.suppress(Exception):
+        text = _hang.report_in_child(frame)
+        _STACKS.write(f"{_hang.REPORT_START}\n{text}\n{_hang.REPORT_END}\n")
+        _STACKS.flush()
 
 
 def _run(job: Job) -> None:

@@ -66,7 +66,9 @@ class BodyCall:
     for this item and closed after its teardown. It may be called from any one thread at a
     time. ``workers`` is how many copies of the body run at once (stress mode): calling
     the ``BodyCall`` runs them all, each with its own ``worker_index``, and returns when
-    the last has finished.
+    the last has finished. Calling it also calls the ``pytest_concur_copy_setup`` and
+    ``pytest_concur_copy_teardown`` hooks around each copy (a single one included), where
+    that copy runs.
     """
 
     item: pytest.Item
@@ -93,7 +95,7 @@ class BodyCall:
 
             run_threads(self)
         else:
-            run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)
+            run_watched(self.watches, self.item.nodeid, self._one_copy(), self.kwargs)
 
     async def call_async(self) -> None:
         """Run the body inside the running event loop: awaited if async, else called."""
@@ -103,9 +105,15 @@ class BodyCall:
 
             await run_tasks(self)
         elif self.is_async:
-            await run_watched_async(self.watches, self.function, self.kwargs)
+            await run_watched_async(self.watches, self._one_copy(), self.kwargs)
         else:
-            run_watched(self.watches, self.item.nodeid, self.function, self.kwargs)
+            run_watched(self.watches, self.item.nodeid, self._one_copy(), self.kwargs)
+
+    def _one_copy(self) -> Callable[..., Any]:
+        """The body as the only copy: with the copy hooks around it, if there are any."""
+        from pytest_concur._stress import with_copy_hooks
+
+        return with_copy_hooks(self.item, 0, 1, self.function)
 
 
 @runtime_checkable

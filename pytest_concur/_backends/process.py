@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
+from pytest_concur import _hang
 from pytest_concur._backends import _child
 from pytest_concur._backends.base import BodyCall
 
@@ -146,25 +147,35 @@ class _ProcessRunner:
         go = ctx.Event() if count > 1 else None
         children: list[tuple[BaseProcess, Any, tuple[Path, Path] | None]] = []
         outcomes: list[_child.Outcome | None] = []
+        from pytest_concur import _stress
+
+        if method != "fork":
+            _stress.warn_hooks_not_called(self._item, method)
+        # Each copy's own worker_index and tmp_path (made here, before any child starts).
+        arguments = _stress.copies_kwargs(job.kwargs, count)
         with tempfile.TemporaryDirectory(prefix="concur-") as tmp:
             ended = False
+            waiting = False
             try:
                 for index in range(count):
-                    copy = job
-                    if count > 1:
-                        from pytest_concur._stress import copy_kwargs
-
-                        copy = dataclasses.replace(
-                            job, kwargs=copy_kwargs(job.kwargs, index, count)
-                        )
+                    copy = dataclasses.replace(
+                        job, kwargs=arguments[index], copy_index=(index, count)
+                    )
                     children.append(self._start_child(ctx, copy, call, Path(tmp), index, go))
                 if go is not None:
                     go.set()
+                waiting = True
                 for process, reader, _ in children:
                     outcomes.append(_receive(process, reader, multiprocessing.connection.wait))
                 ended = True
+            except BaseException as exc:
+                if waiting and count > 1:
+                    # A timeout or ^C ended the wait: say which copies it cut short.
+                    running = [(i, p.pid) for i, (p, _, _) in enumerate(children) if p.is_alive()]
+                    _stress.note_unfinished(exc, running, count)
+                raise
             finally:
-                for process, reader, streams in children:
+                for index, (process, reader, streams) in enumerate(children):
                     reader.close()
                     if ended:
                         # It sent its outcome or closed the pipe: it is on its way out. Let
@@ -173,7 +184,7 @@ class _ProcessRunner:
                         # report.
                         process.join(TERMINATE_GRACE)
                     else:
-                        _dump_stacks(process)
+                        _dump_stacks(process, Path(tmp, f"stacks{index}"))
                     _stop(process)
                     if streams is not None:
                         _forward(streams[0].read_text(errors="replace"), sys.stdout)
@@ -202,6 +213,9 @@ class _ProcessRunner:
         config = self._item.config
         method, why = self._method, self._why
         reader, writer = ctx.Pipe(duplex=False)
+        stacks = Path(tmp, f"stacks{index}")
+        stacks.touch()
+        job = dataclasses.replace(job, stack_path=str(stacks))
         if method == "fork":
             # The child has the parent's memory: nothing needs pickling on the way in,
             # and it has the item, so failures render exactly as in a plain run.
@@ -242,6 +256,8 @@ class _ProcessRunner:
             raise
         finally:
             writer.close()
+        if process.pid is not None:
+            _hang.register_stack_file(process.pid, str(stacks))
         return process, reader, streams
 
     def _combine(self, processes: list[BaseProcess], outcomes: list[_child.Outcome | None]) -> None:
@@ -313,31 +329,71 @@ def _receive(
             return None
 
 
-def _dump_stacks(process: BaseProcess) -> None:
-    """Ask a child we are giving up on (a timeout, ^C) to print every thread's stack."""
-    if _child.DUMP_SIGNAL is None or process.pid is None or not process.is_alive():
+def _dump_stacks(process: BaseProcess, stacks: Path) -> None:
+    """Ask a child we are giving up on (^C, another plugin's timeout) to print its stacks.
+
+    pytest-concur's own deadline has them in its report already.
+    """
+    pid = process.pid
+    if _hang.DUMP_SIGNAL is None or pid is None or _hang.reported(pid):
         return
-    try:
+    if not process.is_alive():
+        return
+    text = _hang.ask_for_stacks(pid, str(stacks), 1.0)
+    if text:
         print(
-            f"pytest-concur: the child process (pid {process.pid}) was still running; "
-            "its threads' stacks follow:",
+            f"pytest-concur: the child process (pid {pid}) was still running; its threads' "
+            f"stacks follow:\n{text}",
             file=sys.stderr,
             flush=True,
         )
-        os.kill(process.pid, _child.DUMP_SIGNAL)
-    except OSError:
-        return
-    time.sleep(0.2)  # faulthandler writes from a signal handler; give it a moment
 
 
 def _stop(process: BaseProcess) -> None:
-    """End the child however it is doing: SIGTERM, a grace period, SIGKILL; then reap it."""
+    """End the child and what it started: SIGTERM, a grace period, SIGKILL; then reap it.
+
+    The child's own children would be orphans that outlive the session: they are ended too
+    (on Linux, where /proc tells who they are).
+    """
+    pid = process.pid
+    below = _hang.descendants(pid) if pid is not None and process.is_alive() else []
     if process.is_alive():
         process.terminate()
         process.join(TERMINATE_GRACE)
         if process.is_alive():
             process.kill()
     process.join()
+    if pid is not None:
+        _hang.forget_stack_file(pid)
+    _end_orphans(below)
+
+
+def _end_orphans(pids: list[int]) -> None:
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, sig)
+                alive.append(pid)
+            except OSError:
+                pass
+        if not alive:
+            return
+        deadline = time.monotonic() + TERMINATE_GRACE
+        while alive and time.monotonic() < deadline:
+            alive = [pid for pid in alive if _exists(pid)]
+            if alive:
+                time.sleep(0.02)
+        pids = alive
+
+
+def _exists(pid: int) -> bool:
+    """Whether ``pid`` is still a live process (not ours to reap: it is another's child)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def _fail_crashed(process: BaseProcess, nodeid: str) -> NoReturn:
