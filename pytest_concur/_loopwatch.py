@@ -144,19 +144,30 @@ def new_loop() -> asyncio.AbstractEventLoop:
 
 
 def _report(loop: asyncio.AbstractEventLoop) -> str:
+    lines = [
+        "pytest-concur: deadlock: every task of the event loop waits, and nothing can wake "
+        "one (no ready callback, no timer, no I/O, no executor job, no thread at work)"
+    ]
+    lines.extend(task_lines(loop, indent="  "))
+    return "\n".join(lines)
+
+
+def task_lines(loop: asyncio.AbstractEventLoop, indent: str = "") -> list[str]:
+    """Each pending task of ``loop``: what it awaits and where, then its await chain."""
     body = getattr(loop, "body_task", None)
     tasks = sorted(
         (task for task in asyncio.all_tasks(loop) if not task.done()),
         key=lambda task: (task is not body, _coro_name(task), _task_name(task)),
     )
-    lines = [
-        "pytest-concur: deadlock: every task of the event loop waits, and nothing can wake "
-        "one (no ready callback, no timer, no I/O, no executor job, no thread at work)"
-    ]
+    running = asyncio.current_task(loop)
+    lines = []
     for task in tasks:
+        if task is running:  # only when asked from a signal handler, or another thread
+            lines.append(f"{indent}task {_task_name(task)!r} is running (see its thread's stack)")
+            continue
         site, awaited = _await_point(task)
-        lines.append(f"  task {_task_name(task)!r} ({_coro_name(task)}) awaits {awaited}")
-        lines.append(f"    at {site}")
+        lines.append(f"{indent}task {_task_name(task)!r} ({_coro_name(task)}) awaits {awaited}")
+        lines.append(f"{indent}  at {site}")
     for task in tasks:
         frames = _await_frames(task.get_coro())
         if not frames:
@@ -166,7 +177,7 @@ def _report(loop: asyncio.AbstractEventLoop) -> str:
         for frame in frames:
             code = frame.f_code
             lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
-    return "\n".join(lines)
+    return lines
 
 
 def _task_name(task: asyncio.Task[Any]) -> str:

@@ -1,0 +1,576 @@
+"""The ``blocked_loop`` check: a task step or a callback that holds an event loop too long.
+
+While one step of a task (the code between two awaits) or one callback runs, nothing else
+on its loop can: no other task, no timer, no I/O. A step longer than the threshold
+(``concur_blocked_loop``, 0.1 s by default, as asyncio's debug mode uses) fails the test,
+naming the task and coroutine and the lines the step ran between, or the callback and
+where it is defined.
+
+Design. From ``begin`` to ``end`` (restored in ``end`` whatever happens):
+
+- ``asyncio.events.Handle._run``, which every loop calls for each ready callback (a task's
+  step is one: ``Task.__step`` or ``__wakeup`` bound to the task), is wrapped. The wrapper
+  times only handles of the loops this watch follows; for any other loop (a fixture's
+  server loop in another thread, say) it costs one dict lookup. Debug mode is not used:
+  it changes how asyncio behaves and costs far more.
+- The loops followed: the loop running where the body starts (the item's loop for an
+  ``async def`` body, and under the ``asyncio`` backend), and every loop created while the
+  body runs (``BaseEventLoop.__init__`` is wrapped, as the tasks check does), so
+  ``asyncio.run`` inside a sync body is covered under every backend.
+- Before a task's step, each frame of its await chain is noted with its ``f_lasti``
+  (where it stands); only for a step over the threshold are lines worked out and a
+  report written. The frames are dropped when the step is over.
+
+The step that is running when ``begin`` is called (the body's task, inside which the
+watches begin) started before the wrapper existed. For an ``async def`` body its part from
+``begin`` on is the start of the body, so it is timed by hand: from ``begin`` to the start of
+the next handle the loop runs (a no-op handle is queued so the loop cannot sleep in
+``select`` in between), or to ``end`` if the body never suspends. Likewise the step running
+at ``end`` (the body's last one) is judged there. For a plain ``def`` body, which the
+backend calls from inside the loop, that step is the body itself and is not counted; nor
+are the steps of pytest-concur's own tasks that call a sync body (stress mode's copies).
+
+Invariants. The per-loop timing state (``_LoopState``) is only touched from the thread
+that runs that loop. The set of followed loops is replaced or added to under the lock
+and only read (one dict lookup) by the wrapper; what was seen is recorded under the lock,
+and nothing is recorded once the watch has ended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from collections.abc import Callable
+from types import CodeType, CoroutineType, FrameType, GeneratorType
+from typing import TYPE_CHECKING, Any, final
+
+import pytest
+
+from pytest_concur._checks import _allow
+from pytest_concur._checks._where import _is_library, callable_name, plural, short_path
+
+if TYPE_CHECKING:
+    import asyncio
+
+NAME = "blocked_loop"
+INI = "concur_blocked_loop"
+MARKER = "concur_blocked_loop"
+DEFAULT = 0.1
+# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
+# tracked one during the body, and our own bookkeeping must not be tracked.
+_real_lock = threading.Lock
+_clock = time.perf_counter
+# Await chains deeper than this are cut (the user's line is almost always in the first few).
+_MAX_CHAIN = 32
+# How far past co_firstlineno (the first decorator) a ``def`` line is looked for.
+_MAX_DECORATOR_LINES = 50
+# Thresholds suggested in the report, a little above the longest step seen.
+_ROUND = (0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+def from_ini(config: pytest.Config) -> float:
+    """The ``concur_blocked_loop`` ini key in seconds; a usage error if it is not one."""
+    value = config.getini(INI)
+    seconds = _seconds(value)
+    if seconds is None:
+        raise pytest.UsageError(
+            f"pytest-concur: {INI} = {value!r} is not a number of seconds; write e.g. "
+            f"{INI} = 0.5 (the default is {DEFAULT}; 0 turns the check off)"
+        )
+    return seconds
+
+
+def for_item(item: pytest.Item, default: float) -> float:
+    """The threshold for ``item``: its closest marker, else ``default``; a bad marker fails it."""
+    mark = item.get_closest_marker(MARKER)
+    if mark is None:
+        return default
+    given: list[object] = [*mark.args, *mark.kwargs.values()]
+    seconds = None
+    if len(given) == 1 and set(mark.kwargs) <= {"seconds"}:
+        seconds = _seconds(given[0], strict=True)
+    if seconds is None:
+        shown = ", ".join([*map(repr, mark.args), *(f"{k}={v!r}" for k, v in mark.kwargs.items())])
+        pytest.fail(
+            f"In {item.name}: @pytest.mark.{MARKER} takes one number of seconds (0 turns the "
+            f"check off), got ({shown}). Write e.g. @pytest.mark.{MARKER}(0.5)",
+            pytrace=False,
+        )
+    return seconds
+
+
+def _seconds(value: object, *, strict: bool = False) -> float | None:
+    """``value`` as a finite number of seconds >= 0, or None; ``strict`` takes numbers only."""
+    if isinstance(value, bool) or (strict and not isinstance(value, (int, float))):
+        return None
+    try:
+        seconds = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+
+
+@final
+class BlockedLoopCheck:
+    """No task step or callback of the body's event loops runs longer than a threshold."""
+
+    name = NAME
+    description = (
+        "a task step or callback that holds the event loop longer than concur_blocked_loop "
+        "seconds fails the test"
+    )
+
+    def __init__(self, config: pytest.Config) -> None:
+        self._default = from_ini(config)
+
+    def watch(self, item: pytest.Item) -> BlockedLoopWatch | None:
+        if NAME in _allow.for_item(item).checks_off:
+            return None
+        threshold = for_item(item, self._default)
+        if threshold == 0:
+            return None
+        import inspect
+
+        function = getattr(item, "obj", None)
+        code = getattr(function, "__code__", None)
+        return BlockedLoopWatch(
+            threshold=threshold,
+            body_is_async=inspect.iscoroutinefunction(function),
+            body_name=callable_name(function),
+            body_file=code.co_filename if code is not None else "",
+            body_line=code.co_firstlineno if code is not None else 0,
+        )
+
+
+@final
+class BlockedLoopWatch:
+    """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    def __init__(
+        self,
+        threshold: float,
+        body_is_async: bool,
+        body_name: str,
+        body_file: str,
+        body_line: int,
+    ) -> None:
+        self.threshold = threshold
+        self.body_is_async = body_is_async
+        self.body_name = body_name
+        # Where the body's function starts (its first decorator), made a site only for a
+        # report: most watches never write one.
+        self.body_file = body_file
+        self.body_line = body_line
+        self._timing: _Timing | None = None
+
+    def begin(self) -> None:
+        self._timing = _Timing(self)
+
+    def end(self, failed: bool) -> str | None:
+        timing = self._timing
+        if timing is None:
+            return None
+        self._timing = None
+        return timing.finish()
+
+
+@final
+class _LoopState:
+    """Timing of one followed loop; only touched from the thread that runs it."""
+
+    __slots__ = ("current", "first")
+    # The body's first step, begun before the wrapper was there: (task, start).
+    first: tuple[asyncio.Task[Any], float] | None
+    # The handle being run: (task or None, await chain before the step, start).
+    current: tuple[asyncio.Task[Any] | None, _Chain, float] | None
+
+    def __init__(self) -> None:
+        self.first = None
+        self.current = None
+
+
+@dataclasses.dataclass
+class _Offender:
+    """One distinct blocking place: its longest hold, and how often it held too long."""
+
+    longest: float
+    who: str
+    where: str
+    count: int = 1
+
+
+class _Timing:
+    """The wrappers of one watch, and what they saw."""
+
+    def __init__(self, watch: BlockedLoopWatch) -> None:
+        import asyncio
+        import asyncio.base_events
+        import asyncio.events
+
+        self._watch = watch
+        self._lock = _real_lock()
+        self._active = True
+        self._offenders: dict[tuple[str, ...], _Offender] = {}
+        self._loops: dict[Any, _LoopState] = {}
+        self._body_task: asyncio.Task[Any] | None = None
+        self._restore: list[Callable[[], None]] = []
+
+        loop = asyncio.events._get_running_loop()
+        if loop is not None:
+            state = self._loops[loop] = _LoopState()
+            self._body_task = asyncio.current_task(loop)
+            if watch.body_is_async and self._body_task is not None:
+                state.first = (self._body_task, _clock())
+                # Without a ready handle the loop could sleep in select() right after the
+                # body's first await, and that sleep would be counted as part of the step.
+                loop.call_soon(_nothing)
+
+        handle_type = asyncio.events.Handle
+        original_run = handle_type._run
+        # Bound once: the wrapper runs for every callback of every loop during the body.
+        timing, threshold, task_type, judge, clock = (
+            self,
+            watch.threshold,
+            asyncio.Task,
+            self._judge,
+            _clock,
+        )
+
+        def run(handle: asyncio.Handle) -> None:
+            __tracebackhide__ = True  # the plugin's frames are not the user's
+            state = timing._loops.get(handle._loop)  # type: ignore[attr-defined]
+            if state is None:
+                original_run(handle)
+                return
+            # A task's step is a callback bound to the task (Task.__step or __wakeup).
+            owner = getattr(handle._callback, "__self__", None)  # type: ignore[attr-defined]
+            if isinstance(owner, task_type):
+                task: asyncio.Task[Any] | None = owner
+                before = _chain(owner.get_coro())
+            else:
+                task, before = None, _NO_CHAIN
+            start = clock()
+            first = state.first
+            if first is not None:  # the body's first step ended before this handle began
+                state.first = None
+                judge(None, first[0], None, start - first[1])
+            previous = state.current
+            state.current = (task, before, start)
+            try:
+                original_run(handle)
+            finally:
+                state.current = previous
+                elapsed = clock() - start
+                if elapsed > threshold:
+                    judge(handle, task, before, elapsed)
+
+        handle_type._run = run  # type: ignore[method-assign, assignment]
+
+        def restore_run() -> None:
+            if handle_type._run is run:
+                handle_type._run = original_run  # type: ignore[method-assign]
+
+        self._restore.append(restore_run)
+
+        base = asyncio.base_events.BaseEventLoop
+        original_init = base.__init__
+        follow = self._follow
+
+        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(loop, *args, **kwargs)
+            follow(loop)
+
+        base.__init__ = init  # type: ignore[method-assign, assignment]
+
+        def restore_init() -> None:
+            if base.__init__ is init:
+                base.__init__ = original_init  # type: ignore[method-assign]
+
+        self._restore.append(restore_init)
+
+    def _follow(self, loop: Any) -> None:
+        with self._lock:
+            if self._active:
+                # Copied, not changed in place: the wrapper reads it without the lock.
+                self._loops = {**self._loops, loop: _LoopState()}
+
+    def _judge(
+        self,
+        handle: asyncio.Handle | None,
+        task: asyncio.Task[Any] | None,
+        before: _Chain | None,
+        elapsed: float,
+        *,
+        body_returned: bool = False,
+    ) -> None:
+        """Record a step or callback over the threshold, unless it is exempt."""
+        if elapsed <= self._watch.threshold:
+            return
+        sync_body = not self._watch.body_is_async
+        if sync_body and task is not None and _runs_sync_body(task, self._body_task):
+            return  # the sync body itself, called by the backend from inside the loop
+        try:
+            if task is not None:
+                key, who, where = self._describe_step(task, before, body_returned)
+            else:
+                callback = getattr(handle, "_callback", None)
+                key, who, where = _describe_callback(callback)
+        except Exception as error:  # this runs inside the user's loop: never break it
+            key, who, where = ("?",), f"a step or callback ({error!r} naming it)", ""
+        with self._lock:
+            if not self._active:
+                return
+            seen = self._offenders.get(key)
+            if seen is None:
+                self._offenders[key] = _Offender(elapsed, who, where)
+                return
+            seen.count += 1
+            if elapsed > seen.longest:
+                seen.longest, seen.who = elapsed, who
+
+    def _describe_step(
+        self,
+        task: asyncio.Task[Any],
+        before: _Chain | None,
+        body_returned: bool,
+    ) -> tuple[tuple[str, ...], str, str]:
+        coroutine = _coroutine_name(task, self._watch.body_name)
+        if before is None:  # the body's first step: it began where the body begins
+            watch = self._watch
+            start = f"its start ({_def_site(watch.body_file, watch.body_line)})"
+        else:
+            start = _site(before, before=True) or "its start"
+        if body_returned or task.done():
+            stop = "its end"
+        else:
+            stop = _site(_chain(task.get_coro()), before=False) or "where it suspended"
+        who = f"task {_task_name(task)!r} running {coroutine}()"
+        where = f"in one step, from {start} to {stop}"
+        return ("task", coroutine, start, stop), who, where
+
+    def finish(self) -> str | None:
+        """Judge the step running now (the body's last), undo the wrappers, report."""
+        import asyncio.events
+
+        loop = asyncio.events._get_running_loop()
+        state = self._loops.get(loop) if loop is not None else None
+        if state is not None:
+            now = _clock()
+            if state.first is not None:  # the body never suspended
+                task, start = state.first
+                state.first = None
+                self._judge(None, task, None, now - start, body_returned=True)
+            elif state.current is not None:
+                task_now, before, start = state.current
+                if task_now is not None:
+                    # Recorded here: the wrapper that timed this step records nothing once
+                    # the watch has ended, which it has by the time the step is over.
+                    self._judge(
+                        None,
+                        task_now,
+                        before,
+                        now - start,
+                        body_returned=task_now is self._body_task,
+                    )
+        with self._lock:
+            if not self._active:
+                return None
+            self._active = False
+            self._loops = {}
+            offenders = sorted(self._offenders.values(), key=lambda o: -o.longest)
+            self._offenders = {}
+        self._body_task = None
+        for restore in reversed(self._restore):
+            restore()
+        if not offenders:
+            return None
+        return _report(offenders, self._watch.threshold)
+
+
+def _nothing() -> None:
+    """Queued at ``begin`` so the loop runs a handle right after the body's first step."""
+
+
+# An await chain as noted before a step: each frame with its f_lasti then (reading
+# f_lineno would cost a walk of the line table per frame, on every step).
+_Chain = list[tuple[FrameType, int]]
+_NO_CHAIN: _Chain = []
+
+
+def _chain(coro: Any) -> _Chain:
+    """Each frame of a coroutine's await chain with the offset it stands at, outermost first.
+
+    Called before every step of a followed loop: it formats nothing, and the frames are
+    dropped when the step is over (a suspended coroutine keeps them alive anyway).
+    """
+    found: _Chain = []
+    while len(found) < _MAX_CHAIN:
+        kind = type(coro)
+        if kind is CoroutineType:
+            frame = coro.cr_frame
+            following = coro.cr_await
+        elif kind is GeneratorType:  # a generator-based coroutine, as asyncio.sleep(0) uses
+            frame = coro.gi_frame
+            following = coro.gi_yieldfrom
+        else:
+            break  # a future, or something we cannot look into
+        if frame is None:
+            break  # finished
+        found.append((frame, frame.f_lasti))
+        coro = following
+    return found
+
+
+def _site(chain: _Chain, *, before: bool) -> str | None:
+    """Where the user's code stood in an await chain, before or after a step.
+
+    The innermost frame of user code, as ``file:line``; when that is a coroutine the task's
+    own awaits, the line of the task's own coroutine is added, as the blocking call is
+    often there, between the two calls.
+    """
+    user = [(frame, lasti) for frame, lasti in chain if not _is_library(frame.f_code.co_filename)]
+    if not user:
+        return None
+    frame, lasti = user[-1]
+    code = frame.f_code
+    if before and _unstarted(code, lasti):
+        return f"its start ({_def_site(code.co_filename, code.co_firstlineno)})"
+    text = _frame_site(frame, lasti)
+    outer, outer_lasti = user[0]
+    if outer is not frame:
+        name = getattr(code, "co_qualname", code.co_name)
+        text += f" in {name}() (called at {_frame_site(outer, outer_lasti)})"
+    return text
+
+
+def _frame_site(frame: FrameType, lasti: int) -> str:
+    lineno = _line_at(frame.f_code, lasti) if lasti >= 0 else None
+    return f"{short_path(frame.f_code.co_filename)}:{lineno or frame.f_lineno}"
+
+
+def _unstarted(code: CodeType, lasti: int) -> bool:
+    """Whether a coroutine frame at ``lasti`` has not run yet (before its first RESUME)."""
+    if lasti < 0:
+        return True  # 3.10
+    import dis
+
+    for instruction in dis.get_instructions(code):
+        if instruction.opname == "RESUME":  # 3.11+: the first one is where a frame starts
+            return lasti < instruction.offset
+    return False
+
+
+def _line_at(code: CodeType, lasti: int) -> int | None:
+    """The line of the instruction at byte offset ``lasti`` (what f_lineno said then)."""
+    for start, stop, lineno in code.co_lines():
+        if start <= lasti < stop:
+            return lineno
+    return None
+
+
+def _def_site(filename: str, first_line: int) -> str:
+    """``file:line`` of a function's ``def``, past its decorators (``co_firstlineno``)."""
+    import linecache
+
+    if not filename:
+        return "an unknown place"
+    lineno = first_line
+    for offset in range(_MAX_DECORATOR_LINES):
+        text = linecache.getline(filename, first_line + offset).lstrip()
+        if text.startswith(("def ", "async def ")):
+            lineno = first_line + offset
+            break
+        if not text:
+            break  # no source to read: keep the first line
+    return f"{short_path(filename)}:{lineno}"
+
+
+def _runs_sync_body(task: asyncio.Task[Any], body_task: asyncio.Task[Any] | None) -> bool:
+    """Whether ``task`` is pytest-concur's own task that calls a sync body."""
+    if task is body_task:
+        return True
+    code = getattr(task.get_coro(), "cr_code", None)
+    return code is not None and _is_pytest_concur(code.co_filename)
+
+
+def _coroutine_name(task: asyncio.Task[Any], body_name: str) -> str:
+    """The user's coroutine the task runs, past pytest-concur's and asyncio's own."""
+    coro: Any = task.get_coro()
+    top = coro
+    while coro is not None:
+        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
+        if code is not None and not _is_library(code.co_filename):
+            return str(getattr(coro, "__qualname__", None) or code.co_name)
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+    code = getattr(top, "cr_code", None)
+    if code is not None and _is_pytest_concur(code.co_filename):
+        # pytest-concur's task that awaits the body (or a stress-mode copy of it), whose
+        # coroutine has finished by now.
+        return body_name
+    return str(getattr(top, "__qualname__", None) or type(top).__name__)
+
+
+def _is_pytest_concur(filename: str) -> bool:
+    import pytest_concur
+
+    return filename.startswith(pytest_concur.__path__[0])
+
+
+def _task_name(task: asyncio.Task[Any]) -> str:
+    # 3.13 may leave a task unnamed (get_name() is None) until someone names it.
+    return task.get_name() or f"Task at 0x{id(task):x}"
+
+
+def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
+    """Key, name and definition site of a plain callback."""
+    function = callback
+    while hasattr(function, "func"):  # functools.partial
+        function = function.func
+    function = getattr(function, "__func__", function)  # a bound method
+    name = callable_name(function)
+    code = getattr(function, "__code__", None)
+    site = f"{short_path(code.co_filename)}:{code.co_firstlineno}" if code is not None else ""
+    owner = getattr(callback, "__self__", None)
+    protocol = getattr(owner, "_protocol", None)
+    if protocol is not None:
+        # A transport's callback runs the user's protocol (data_received and the like).
+        name = f"{name} (for protocol {type(protocol).__qualname__})"
+    who = f"callback {name}" + (f" (defined at {site})" if site else "")
+    return ("callback", name, site), who, ""
+
+
+def _seconds_text(seconds: float) -> str:
+    return f"{seconds:.2f} s" if seconds >= 0.1 else f"{seconds:.3f} s"
+
+
+def _suggest(longest: float) -> str:
+    """A round threshold comfortably above ``longest``, for the report's advice."""
+    for value in _ROUND:
+        if value >= longest * 1.5:
+            return repr(value)
+    return repr(math.ceil(longest * 1.5))
+
+
+def _report(offenders: list[_Offender], threshold: float) -> str:
+    count = sum(o.count for o in offenders)
+    lines = [
+        f"pytest-concur: the event loop was blocked: {plural(count, 'step or callback', 'steps or callbacks')} "
+        f"held it longer than {threshold:g} s ({INI})"
+    ]
+    for offender in offenders:
+        line = f"  {offender.who} held the event loop for {_seconds_text(offender.longest)}"
+        if offender.where:
+            line += f" {offender.where}"
+        if offender.count > 1:
+            line += f" ({offender.count} times; the longest shown)"
+        lines.append(line)
+    longest = max(o.longest for o in offenders)
+    lines.append(
+        "  Nothing else on the loop runs meanwhile (no other task, no timer, no I/O). A "
+        "blocking call between two awaits (time.sleep, a sync socket or file, a lock) or "
+        "heavy CPU does this: move it to a thread with await asyncio.to_thread(...), or "
+        f"raise the threshold for this test: @pytest.mark.{MARKER}({_suggest(longest)})."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,466 @@
+"""The blocked_loop check: a task step or callback that holds the event loop too long fails.
+
+Blocking is provoked with time.sleep(0.2 or 0.3) against the default threshold of 0.1 s,
+and raised thresholds are far above the sleeps (5 s), so no outcome depends on timing luck.
+Durations in reports are checked from below only (a sleep lasts at least as long as asked).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+# The threshold it suggests depends on how long the step took: not checked.
+HINT = (
+    "  Nothing else on the loop runs meanwhile (no other task, no timer, no I/O). A blocking "
+    "call between two awaits (time.sleep, a sync socket or file, a lock) or heavy CPU does "
+    "this: move it to a thread with await asyncio.to_thread(...), or raise the threshold for "
+    "this test: @pytest.mark.concur_blocked_loop(*)."
+)
+
+
+def run(pytester: pytest.Pytester, backend: str, *args: str) -> pytest.RunResult:
+    """Inline, except for the process backend, which forks: that one in a fresh interpreter."""
+    if backend == "process":
+        return pytester.runpytest_subprocess(*args, timeout=60)
+    return pytester.runpytest(*args)
+
+
+def held_for(result: pytest.RunResult) -> list[float]:
+    """The durations the report gives, in seconds."""
+    return [
+        float(s) for s in re.findall(r"held the event loop for ([\d.]+) s", result.stdout.str())
+    ]
+
+
+def test_blocking_call_in_async_body_names_the_lines_it_ran_between(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_blocks():
+            await asyncio.sleep(0)
+            time.sleep(0.3)
+            await asyncio.sleep(0)
+        """
+    )
+    result = run(pytester, backend_name)
+    result.assert_outcomes(failed=1)
+    name = "test_blocking_call_in_async_body_names_the_lines_it_ran_between.py"
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: the event loop was blocked: 1 step or callback held it longer "
+            "than 0.1 s (concur_blocked_loop)",
+            f"  task '*' running test_blocks() held the event loop for * s in one step, "
+            f"from {name}:6 to {name}:8",
+            HINT,
+        ]
+    )
+    durations = held_for(result)
+    assert durations
+    assert min(durations) >= 0.3
+
+
+def test_body_that_never_awaits_is_timed_from_its_start_to_its_end(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        async def test_never_awaits():
+            time.sleep(0.3)
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  task '*' running test_never_awaits() held the event loop for * s in one step, "
+            "from its start (test_body_that_never_awaits_is_timed_from_its_start_to_its_end.py:5)"
+            " to its end",
+        ]
+    )
+
+
+def test_blocking_callback_and_task_are_named(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        def slow_callback():
+            time.sleep(0.2)
+
+        async def fetch():
+            await asyncio.sleep(0)
+            time.sleep(0.3)
+
+        @pytest.mark.backend("asyncio")
+        async def test_callback():
+            asyncio.get_running_loop().call_soon(slow_callback)
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.backend("asyncio")
+        async def test_task():
+            await asyncio.create_task(fetch(), name="fetcher")
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=2)
+    name = "test_blocking_callback_and_task_are_named.py"
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_callback[[]asyncio[]] _*",
+            f"  callback slow_callback (defined at {name}:4) held the event loop for * s",
+            "*_ test_task[[]asyncio[]] _*",
+            f"  task 'fetcher' running fetch() held the event loop for * s in one step, "
+            f"from {name}:8 to its end",
+        ]
+    )
+
+
+def test_step_through_helpers_names_them_and_the_lines_that_call_them(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        async def fetch():
+            await asyncio.sleep(0)
+
+        async def save():
+            await asyncio.sleep(0)
+
+        @pytest.mark.backend("asyncio")
+        async def test_pipeline():
+            await fetch()
+            time.sleep(0.2)
+            await save()
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    name = "test_step_through_helpers_names_them_and_the_lines_that_call_them.py"
+    result.stdout.fnmatch_lines(
+        [
+            "  task '*' running test_pipeline() held the event loop for * s in one step, "
+            f"from {name}:5 in fetch() (called at {name}:12) "
+            f"to {name}:8 in save() (called at {name}:14)",
+        ]
+    )
+
+
+def test_waiting_is_not_blocking_and_a_sync_body_is_not_counted(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        async def test_awaits_a_long_sleep_first():
+            await asyncio.sleep(0.3)
+
+        @pytest.mark.backend("asyncio")
+        async def test_awaits_timers_and_threads():
+            loop = asyncio.get_running_loop()
+            done = loop.create_future()
+            loop.call_later(0.3, done.set_result, None)
+            await done
+            await asyncio.to_thread(time.sleep, 0.2)
+            await loop.run_in_executor(None, time.sleep, 0.2)
+
+        @pytest.mark.backend("asyncio")
+        def test_sync_body_called_inside_the_loop():
+            asyncio.get_running_loop()  # it is: the backend calls it from a task
+            time.sleep(0.2)
+
+        @pytest.mark.backend("asyncio", workers=2)
+        def test_sync_copies_called_inside_the_loop():
+            time.sleep(0.2)
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=4)
+
+
+@pytest.mark.parametrize("backend", ["thread", "process"])
+def test_sync_body_that_sleeps_passes_under_thread_and_process(
+    pytester: pytest.Pytester, backend: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import time
+        import pytest
+
+        @pytest.mark.backend("{backend}")
+        def test_sleeps():
+            time.sleep(0.3)
+        """
+    )
+    run(pytester, backend).assert_outcomes(passed=1)
+
+
+def test_each_stress_copy_is_timed_and_reported_once_with_a_count(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("asyncio", workers=2)
+        async def test_copies_block():
+            await asyncio.sleep(0)
+            time.sleep(0.2)
+            await asyncio.sleep(0)
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    name = "test_each_stress_copy_is_timed_and_reported_once_with_a_count.py"
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: the event loop was blocked: 2 steps or callbacks held it longer "
+            "than 0.1 s (concur_blocked_loop)",
+            f"  task '*' running test_copies_block() held the event loop for * s in one step, "
+            f"from {name}:6 to {name}:8 (2 times; the longest shown)",
+        ]
+    )
+    assert len(held_for(result)) == 1
+
+
+def test_loop_the_body_creates_is_timed_under_other_backends(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        async def main():
+            time.sleep(0.2)
+
+        @pytest.mark.backend("thread")
+        def test_runs_a_loop():
+            asyncio.run(main())
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  task '*' running main() held the event loop for * s in one step, from its start (*:4) to its end"
+        ]
+    )
+
+
+def test_loop_of_a_fixture_is_not_the_tests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, threading, time
+        import pytest
+
+        @pytest.fixture
+        def server_loop():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever)
+            thread.start()
+            yield loop
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+        @pytest.mark.backend("thread")
+        def test_uses_a_slow_server(server_loop):
+            async def slow():
+                time.sleep(0.2)
+            asyncio.run_coroutine_threadsafe(slow(), server_loop).result()
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+def test_report_is_added_to_a_failure(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        async def test_fails():
+            time.sleep(0.2)
+            await asyncio.sleep(0)
+            assert 1 == 2
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E       assert 1 == 2",
+            "*pytest-concur also found:",
+            "*pytest-concur: the event loop was blocked: 1 step or callback held it longer*",
+        ]
+    )
+
+
+BLOCKS = """
+import asyncio, time
+import pytest
+
+@pytest.mark.backend("asyncio")
+async def test_blocks():
+    await asyncio.sleep(0)
+    time.sleep(0.2)
+"""
+
+
+def test_marker_raises_the_threshold_and_zero_turns_the_check_off(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.concur_blocked_loop(5)
+        async def test_raised():
+            time.sleep(0.2)
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.concur_blocked_loop(seconds=0)
+        async def test_off():
+            time.sleep(0.2)
+
+        @pytest.mark.concur_blocked_loop(5)
+        class TestClass:
+            @pytest.mark.backend("asyncio")
+            async def test_from_the_class(self):
+                time.sleep(0.2)
+
+            @pytest.mark.backend("asyncio")
+            @pytest.mark.concur_blocked_loop(0.1)
+            async def test_the_closest_marker_wins(self):
+                time.sleep(0.2)
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=3, failed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_the_closest_marker_wins*"])
+
+
+@pytest.mark.parametrize(
+    ("ini", "outcomes"),
+    [
+        pytest.param("concur_blocked_loop = 5", {"passed": 1}, id="raised"),
+        pytest.param("concur_blocked_loop = 0", {"passed": 1}, id="zero-is-off"),
+        pytest.param("concur_checks_off = blocked_loop", {"passed": 1}, id="checks-off"),
+        pytest.param("concur_blocked_loop = 0.05", {"failed": 1}, id="lowered"),
+    ],
+)
+def test_ini_keys(pytester: pytest.Pytester, ini: str, outcomes: dict[str, int]) -> None:
+    pytester.makeini(f"[pytest]\n{ini}\n")
+    pytester.makepyfile(BLOCKS)
+    pytester.runpytest().assert_outcomes(**outcomes)
+
+
+def test_checks_off_marker_turns_it_off(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.concur_allow(checks_off=["blocked_loop"])
+        async def test_off():
+            time.sleep(0.2)
+        """
+    )
+    pytester.runpytest().assert_outcomes(passed=1)
+
+
+@pytest.mark.parametrize(
+    ("marker", "got"),
+    [
+        pytest.param('"fast"', "('fast')", id="string"),
+        pytest.param("-1", "(-1)", id="negative"),
+        pytest.param("True", "(True)", id="bool"),
+        pytest.param("", "()", id="nothing"),
+        pytest.param("0.5, 1", "(0.5, 1)", id="two"),
+        pytest.param("limit=1", "(limit=1)", id="unknown-keyword"),
+    ],
+)
+def test_bad_marker_fails_the_test_with_the_fix(
+    pytester: pytest.Pytester, marker: str, got: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.concur_blocked_loop({marker})
+        async def test_x():
+            pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "In test_x[[]asyncio[]]: @pytest.mark.concur_blocked_loop takes one number of "
+            f"seconds (0 turns the check off), got {got}. "
+            "Write e.g. @pytest.mark.concur_blocked_loop(0.5)"
+        ]
+    )
+
+
+@pytest.mark.parametrize("value", ["fast", "-0.1", "nan"])
+def test_bad_ini_value_is_a_usage_error(pytester: pytest.Pytester, value: str) -> None:
+    pytester.makeini(f"[pytest]\nconcur_blocked_loop = {value}\n")
+    pytester.makepyfile("def test_plain(): pass")
+    result = pytester.runpytest()
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(
+        [
+            f"*pytest-concur: concur_blocked_loop = '{value}' is not a number of seconds; "
+            "write e.g. concur_blocked_loop = 0.5 (the default is 0.1; 0 turns the check off)"
+        ]
+    )
+
+
+def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, asyncio.base_events, asyncio.events, time
+        import pytest
+
+        RUN = asyncio.events.Handle._run
+        INIT = asyncio.base_events.BaseEventLoop.__init__
+
+        @pytest.mark.backend("asyncio")
+        async def test_blocks():
+            assert asyncio.events.Handle._run is not RUN
+            time.sleep(0.2)
+
+        @pytest.mark.backend("asyncio")
+        async def test_fails_otherwise():
+            await asyncio.sleep(0)
+            raise ValueError("boom")
+
+        def test_after():
+            assert asyncio.events.Handle._run is RUN
+            assert asyncio.base_events.BaseEventLoop.__init__ is INIT
+        """
+    )
+    result = pytester.runpytest("-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=2)
