@@ -21,7 +21,7 @@ from pytest_concur._checks._where import Site
 
 MARKER = "concur_allow"
 # Check names, as ``checks_off`` and ``concur_checks_off`` take them.
-CHECKS = ("threads", "tasks", "processes")
+CHECKS = ("threads", "tasks", "processes", "blocked_loop")
 # Keyword -> ini key of the patterns.
 PATTERN_KEYS = {
     "threads": "concur_allow_threads",
@@ -103,8 +103,11 @@ def from_ini(config: pytest.Config) -> Allow:
     return allow
 
 
-def for_item(item: pytest.Item) -> Allow:
-    """The ini keys plus every ``concur_allow`` marker on the item; a bad marker fails it."""
+def for_item(item: pytest.Item | pytest.Collector) -> Allow:
+    """The ini keys plus every ``concur_allow`` marker on the item; a bad marker fails it.
+
+    A collector (a module, a class) stands for the fixtures of its scope.
+    """
     cached = item.stash.get(_ITEM_CACHE, None)
     if cached is not None:
         return cached

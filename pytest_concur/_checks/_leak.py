@@ -8,11 +8,30 @@ and always closing the recording.
 
 from __future__ import annotations
 
-from typing import ClassVar, Protocol
+import dataclasses
+from typing import ClassVar, Protocol, final
 
 import pytest
 
 from pytest_concur._checks import _allow
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    """Whose leftovers a verdict reports, in the words of its messages.
+
+    ``subject`` opens the headline ("the test left 1 thread running"), ``who`` and
+    ``until`` finish the advice ("Await every task the test creates ... before the test
+    returns"). Fixtures are judged with the same verdicts (see ``fixtures.py``).
+    """
+
+    subject: str = "the test"
+    who: str = "the test"
+    until: str = "before the test returns"
+
+
+TEST = Owner()
 
 
 class Recording(Protocol):
@@ -23,9 +42,10 @@ class Recording(Protocol):
 class LeakWatch:
     """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
 
-    def __init__(self, allow: _allow.Allow, grace: float) -> None:
+    def __init__(self, allow: _allow.Allow, grace: float, owner: Owner = TEST) -> None:
         self.allow = allow
         self.grace = grace
+        self.owner = owner
         self._state: Recording | None = None
 
     def record(self) -> Recording:

@@ -25,13 +25,14 @@ from __future__ import annotations
 import contextlib
 import os
 import shlex
+import sys
 import tempfile
 import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 
 if TYPE_CHECKING:
@@ -74,11 +75,14 @@ class ProcessesWatch(LeakWatch):
         open_pools = [
             (pool, site)
             for pool, site in pools
-            if _pool_is_open(pool) and not self.allow.allows(NAME, (type(pool).__name__,), site)
+            if _pool_is_open(pool)
+            and not _claimed(pool)
+            and not self.allow.allows(NAME, (type(pool).__name__,), site)
         ]
         if open_pools:
-            problems.append(_close_pools(open_pools, self.grace))
-        children = [child for child in children if not child.pool_worker]
+            problems.append(_close_pools(open_pools, self.grace, self.owner))
+        every = [child for child in children if not child.pool_worker]
+        children = [child for child in every if not _claimed(child.handle())]
         for child in children:
             child.snapshot()
         settle(lambda: any(child.alive() for child in children), self.grace)
@@ -88,7 +92,7 @@ class ProcessesWatch(LeakWatch):
             if child.alive() and not self.allow.allows(NAME, child.names(), child.site)
         ]
         if leaked:
-            problems.append(_leak_report(leaked))
+            problems.append(_leak_report(leaked, self.owner))
         with state.lock:
             checked = set(state.checked)
         for child in children:
@@ -97,7 +101,7 @@ class ProcessesWatch(LeakWatch):
             problem = child.unchecked_error(checked)
             if problem:
                 problems.append(problem)
-        for child in children:
+        for child in every:
             child.forget()
         return "\n\n".join(problems) or None
 
@@ -157,6 +161,10 @@ class _Child:
                 return False
         assert self.popen is not None
         return self.popen.poll() is None
+
+    def handle(self) -> object:
+        """The ``Process`` or the ``Popen``."""
+        return self.process if self.process is not None else self.popen
 
     def names(self) -> tuple[str, ...]:
         if self.process is not None:
@@ -227,9 +235,14 @@ class _Child:
 
 
 class _Recording:
-    """The hooks of one watch, and what they saw."""
+    """The hooks of one watch, and what they saw.
 
-    def __init__(self) -> None:
+    ``acting``, if given, says whether the calling thread acts for the owner (a fixture's
+    lineage): only what such threads start is recorded, for as long as the recording is
+    open; exit codes are noted whoever reads them.
+    """
+
+    def __init__(self, acting: Callable[[], bool] | None = None) -> None:
         import concurrent.futures.process
         import multiprocessing.pool
         import multiprocessing.process
@@ -237,6 +250,7 @@ class _Recording:
 
         self.lock = _real_lock()
         self.active = True
+        self._acting = acting
         self.children: list[_Child] = []
         self.pools: list[tuple[Any, Site]] = []
         # ids of the processes whose exitcode the test read.
@@ -304,7 +318,15 @@ class _Recording:
 
     def _is_active(self) -> bool:
         with self.lock:
-            return self.active
+            active = self.active
+        if not active:
+            return False
+        if self._acting is not None:
+            return self._acting()
+        # A body's recording: what a fixture's thread starts meanwhile is the fixture's.
+        from pytest_concur._checks.threads import acting_for_a_fixture
+
+        return not acting_for_a_fixture()
 
     def _record_process(self, process: BaseProcess) -> None:
         target = getattr(process, "_target", None)
@@ -355,8 +377,8 @@ def _pool_is_open(pool: Any) -> bool:
     return getattr(pool, "_state", None) == "RUN"  # multiprocessing.pool.RUN
 
 
-def _close_pools(pools: list[tuple[Any, Site]], grace: float) -> str:
-    lines = [f"pytest-concur: the test left {plural(len(pools), 'process pool')} open"]
+def _close_pools(pools: list[tuple[Any, Site]], grace: float, owner: Owner = TEST) -> str:
+    lines = [f"pytest-concur: {owner.subject} left {plural(len(pools), 'process pool')} open"]
     for pool, site in pools:
         kind = type(pool).__name__
         if hasattr(pool, "_shutdown_thread"):
@@ -396,9 +418,9 @@ def _stop_process(process: BaseProcess) -> None:
     process.join()
 
 
-def _leak_report(leaked: list[_Child]) -> str:
+def _leak_report(leaked: list[_Child], owner: Owner = TEST) -> str:
     lines = [
-        f"pytest-concur: the test left "
+        f"pytest-concur: {owner.subject} left "
         f"{plural(len(leaked), 'child process', 'child processes')} running"
     ]
     for child in leaked:
@@ -407,10 +429,64 @@ def _leak_report(leaked: list[_Child]) -> str:
     name = leaked[0].names()[0]
     lines.append(
         f"  pytest-concur stopped {'it' if len(leaked) == 1 else 'them'} (SIGTERM, then "
-        f"SIGKILL after {_TERMINATE_GRACE:g} s). Join or wait for every process the test "
+        f"SIGKILL after {_TERMINATE_GRACE:g} s). Join or wait for every process {owner.who} "
         f'starts, or allow it: @pytest.mark.concur_allow(processes=["{name}"]).'
     )
     return "\n".join(lines)
+
+
+def record_for(acting: Callable[[], bool]) -> Recording:
+    """Record what threads acting for an owner start (a fixture's; see ``_Recording``)."""
+    return _Recording(acting)
+
+
+# -- for the concur fixture (pytest_concur/_workers.py) ---------------------------------------
+
+
+def _claimed(thing: object) -> bool:
+    # The concur fixture reports its workers' processes itself, and expect_clean() what its
+    # block left: one report each. Not imported when it never ran: nothing is claimed then.
+    workers = sys.modules.get("pytest_concur._workers")
+    return workers is not None and bool(workers.claimed(thing))
+
+
+def recorded(state: Recording) -> list[object]:
+    """The processes (``Process``, ``Popen``) and process pools a recording saw started."""
+    assert isinstance(state, _Recording)
+    with state.lock:
+        return [child.handle() for child in state.children] + [pool for pool, _ in state.pools]
+
+
+def busy(state: Recording) -> bool:
+    """Whether a child the recording saw started still runs; reaps none.
+
+    The verdict tells a ``Popen`` the test waited for from one it did not by whether it was
+    reaped: this look must not reap it.
+    """
+    assert isinstance(state, _Recording)
+    with state.lock:
+        children = [child for child in state.children if not child.pool_worker]
+    for child in children:
+        popen = child.popen
+        if child.process is not None:
+            running = child.alive()
+        else:
+            running = (
+                popen is not None and popen.returncode is None and _unreaped_running(popen.pid)
+            )
+        if running:
+            return True
+    return False
+
+
+def _unreaped_running(pid: int) -> bool:
+    waitid = getattr(os, "waitid", None)
+    if waitid is None:  # pragma: no cover - not POSIX: assume it runs, the verdict will look
+        return True
+    try:
+        return waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None
+    except ChildProcessError:  # reaped already
+        return False
 
 
 ProcessesCheck.watch_type = ProcessesWatch

@@ -26,18 +26,21 @@ Invariant: the recording state is only touched under its own lock.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import threading
 import traceback
 import warnings
 import weakref
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, from_origin, here, plural, settle
 
 if TYPE_CHECKING:
     import asyncio
+    from types import FrameType
 
 NAME = "tasks"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
@@ -74,6 +77,9 @@ class TasksWatch(LeakWatch):
             tasks = list(state.tasks)
             coroutines = list(state.coroutines)
             loops = list(state.loops)
+        # A concur worker's tasks, and those of the loop a worker runs on, are the worker's.
+        tasks = [(t, site) for t, site in tasks if not _claimed(t) and not _claimed(t.get_loop())]
+        loops = [(ref, site) for ref, site in loops if not _claimed(ref())]
         problems: list[str] = []
         pending = [
             (task, site)
@@ -82,7 +88,7 @@ class TasksWatch(LeakWatch):
             and not self.allow.allows(NAME, (task.get_name(), _coroutine_name(task)), site)
         ]
         if pending:
-            problems.append(_pending_report(pending))
+            problems.append(_pending_report(pending, self.owner))
         for task, site in tasks:
             if task.done() and not task.cancelled() and getattr(task, "_log_traceback", False):
                 exc = task.exception()  # marks it retrieved: asyncio will not log it again
@@ -110,7 +116,7 @@ class TasksWatch(LeakWatch):
         left = [(loop, site) for loop, site in loops if not loop.is_closed()]
         if not left:
             return None
-        lines = [f"pytest-concur: the test left {plural(len(left), 'event loop')} open"]
+        lines = [f"pytest-concur: {self.owner.subject} left {plural(len(left), 'event loop')} open"]
         for loop, site in left:
             running = loop.is_running()
             lines.append(
@@ -238,8 +244,8 @@ def _coroutine_name(task: asyncio.Task[Any]) -> str:
     return str(getattr(coro, "__qualname__", None) or coro)
 
 
-def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]]) -> str:
-    lines = [f"pytest-concur: the test left {plural(len(pending), 'task')} pending"]
+def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]], owner: Owner = TEST) -> str:
+    lines = [f"pytest-concur: {owner.subject} left {plural(len(pending), 'task')} pending"]
     for task, site in pending:
         lines.append(
             f"  Task {task.get_name()!r} (coroutine={_coroutine_name(task)}) created at {site}"
@@ -258,8 +264,8 @@ def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]]) -> str:
     lines.append(
         "  pytest-concur cancelled "
         + ("it" if len(pending) == 1 else "them")
-        + ". Await every task the test creates (asyncio.TaskGroup does it for you), or "
-        "cancel it and await it before the test returns."
+        + f". Await every task {owner.who} creates (asyncio.TaskGroup does it for you), or "
+        f"cancel it and await it {owner.until}."
     )
     return "\n".join(lines)
 
@@ -283,6 +289,113 @@ def _close_loop(loop: Any) -> None:
             task._log_destroy_pending = False  # type: ignore[attr-defined]
     with contextlib.suppress(Exception):
         loop.close()
+
+
+class _OwnerRecording(_Recording):
+    """Tasks and loops that threads acting for an owner (a fixture's lineage) create.
+
+    A fixture is set up and torn down outside any running loop, and its async code runs on
+    loops that exist before it or that it makes (pytest-concur's own, pytest-asyncio's):
+    instead of a task factory on one loop, ``BaseEventLoop.create_task`` is wrapped, and
+    ``BaseEventLoop.__init__`` records the loops it creates, except pytest-concur's own,
+    which their runner closes. Both stay until ``close`` (the fixture's teardown); only
+    what acting threads do is recorded. Unawaited coroutines are the body check's concern.
+    """
+
+    def __init__(self, acting: Callable[[], bool]) -> None:  # not the body's hooks
+        import asyncio.base_events
+
+        from pytest_concur._loopwatch import WatchedLoop
+
+        self.lock = _real_lock()
+        self.active = True
+        self.tasks = []
+        self.coroutines = []
+        self.loops = []
+        self._restore = []
+        base = asyncio.base_events.BaseEventLoop
+        original_create = base.__dict__["create_task"]
+        original_init = base.__dict__["__init__"]
+
+        def recording() -> bool:
+            with self.lock:
+                active = self.active
+            return active and acting()
+
+        def create_task(loop: Any, coro: Any, **kwargs: Any) -> Any:
+            task = original_create(loop, coro, **kwargs)
+            if isinstance(task, asyncio.Task) and recording():
+                site = here()
+                with self.lock:
+                    self.tasks.append((task, site))
+            return task
+
+        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
+            original_init(loop, *args, **kwargs)
+            if not isinstance(loop, WatchedLoop) and not _made_by_runner() and recording():
+                site = here()
+                with self.lock:
+                    self.loops.append((weakref.ref(loop), site))
+
+        for name, replacement, original in (
+            ("create_task", create_task, original_create),
+            ("__init__", init, original_init),
+        ):
+            setattr(base, name, replacement)
+            self._restore.append(_restorer(base, name, replacement, original))
+
+
+def _made_by_runner() -> bool:
+    """Whether the loop being created is an ``asyncio.Runner``'s (or its backport's).
+
+    A runner makes its loop on first use, for whoever uses it first (pytest-asyncio's and
+    anyio's runner fixtures serve several fixtures): the loop is the runner's, and closed
+    with it, not the fixture's that happened to run first.
+    """
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(8):  # BaseEventLoop.__init__ is a few calls below Runner._lazy_init
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_lazy_init" and "runner" in os.path.basename(code.co_filename):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _restorer(owner: type, name: str, replacement: object, original: object) -> Callable[[], None]:
+    def restore() -> None:
+        if owner.__dict__.get(name) is replacement:
+            setattr(owner, name, original)
+
+    return restore
+
+
+def record_for(acting: Callable[[], bool]) -> Recording:
+    """Record the tasks and loops that threads acting for an owner create (a fixture's)."""
+    return _OwnerRecording(acting)
+
+
+# -- for the concur fixture (pytest_concur/_workers.py) ---------------------------------------
+
+
+def _claimed(thing: object) -> bool:
+    # The concur fixture reports its workers' tasks itself, and expect_clean() what its
+    # block left: one report each. Not imported when it never ran: nothing is claimed then.
+    workers = sys.modules.get("pytest_concur._workers")
+    return workers is not None and bool(workers.claimed(thing))
+
+
+def recorded(state: Recording) -> list[asyncio.Task[Any]]:
+    """The tasks a recording saw created."""
+    assert isinstance(state, _Recording)
+    with state.lock:
+        return [task for task, _ in state.tasks]
+
+
+def busy(state: Recording) -> bool:
+    """Whether a task the recording saw created is still pending."""
+    return any(not task.done() for task in recorded(state))
 
 
 TasksCheck.watch_type = TasksWatch

@@ -30,8 +30,11 @@ import traceback
 import weakref
 from typing import Any, final
 
-from pytest_concur._checks._leak import LeakCheck, LeakWatch, Recording
+import pytest
+
+from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+from pytest_concur._state import backend_of
 
 NAME = "threads"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
@@ -46,10 +49,22 @@ class ThreadsCheck(LeakCheck):
     name = NAME
     description = "threads the body starts end with it, and their exceptions are not lost"
 
+    def watch(self, item: pytest.Item) -> LeakWatch | None:
+        watch = super().watch(item)
+        if isinstance(watch, ThreadsWatch) and backend_of(item) is None:
+            # A plain test (--concur-check-all) is watched outside the loop that its plugin
+            # (pytest-asyncio, anyio) runs it on, and which that plugin closes later.
+            watch.loop_pools_are_loops = True
+        return watch
+
 
 @final
 class ThreadsWatch(LeakWatch):
     """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
+
+    # Whether the workers of every event loop's default executor are left to that loop's
+    # owner, not only the running loop's: set when a fixture is judged, outside any loop.
+    loop_pools_are_loops = False
 
     def record(self) -> _Recording:
         return _Recording()
@@ -57,16 +72,21 @@ class ThreadsWatch(LeakWatch):
     def verdict(self, state: Recording) -> str | None:
         assert isinstance(state, _Recording)
         ignored = _loop_executor()
-        leaked, pools = _running(state, ignored)
+        loop_pools = self.loop_pools_are_loops
+        leaked, pools = _running(state, ignored, loop_pools)
         if leaked:
             settle(lambda: any(t.is_alive() for t, _ in leaked), self.grace)
-            leaked, pools = _running(state, ignored)
+            leaked, pools = _running(state, ignored, loop_pools)
         problems = []
         leaked = [
             (t, r) for t, r in leaked if not self.allow.allows(NAME, (t.name, r.target), r.site)
         ]
         if leaked:
-            problems.append(_leak_report(leaked))
+            problems.append(_leak_report(leaked, self.owner))
+            from pytest_concur import _shutdown
+
+            # Reported; if one never ends, it must not hold the interpreter open at exit.
+            _shutdown.guard(t for t, _ in leaked)
         open_pools = [
             (executor, workers)
             for executor, workers in pools.items()
@@ -84,7 +104,9 @@ class ThreadsWatch(LeakWatch):
         return "\n\n".join(problems) or None
 
     def _close_pools(self, pools: list[tuple[Any, list[tuple[threading.Thread, _Started]]]]) -> str:
-        lines = [f"pytest-concur: the test left {plural(len(pools), 'thread pool')} open"]
+        lines = [
+            f"pytest-concur: {self.owner.subject} left {plural(len(pools), 'thread pool')} open"
+        ]
         stuck: list[threading.Thread] = []
         for executor, workers in pools:
             first = workers[0][1]
@@ -139,6 +161,7 @@ class _Recording:
         def start(thread: threading.Thread) -> None:
             if self.active:
                 self._record(thread)
+            _feed_lineages(thread)  # the deadlock check's start calls the real one
             original_start(thread)
 
         def excepthook(args: threading.ExceptHookArgs) -> None:
@@ -185,8 +208,109 @@ class _Recording:
             threading.excepthook = self._previous_hook
 
 
+# -- lineages: the threads that act for a fixture, followed for as long as it lives --------
+#
+# A fixture's recording lives from its setup to its teardown, across the tests that use it,
+# while bodies come and go with recordings of their own. It installs no hooks itself: every
+# Thread.start is fed to the live lineages, by one wrapper of this module while any
+# lineage lives and by the body's wrapper while a body runs (the deadlock check puts a
+# start of its own under the body's, which calls the real one). A thread joins a lineage
+# when a member starts it; the thread that sets the fixture up is a member only while the
+# fixture's own code runs (``enter`` / ``leave``). Exceptions of a fixture's threads stay
+# pytest's to report, as before.
+
+_lineages_lock = _real_lock()
+_LINEAGES: list[Lineage] = []
+_lineage_start: Any = None  # our wrapper, while installed
+_start_under_it: Any = None  # what it wraps
+
+
+@final
+class Lineage(_Recording):
+    """A fixture's threads: the ones its code starts, and the ones those start."""
+
+    def __init__(self) -> None:  # no super().__init__(): it installs the body's hooks
+        self.lock = _real_lock()
+        self.active = True
+        self.family = set()
+        self.started = {}
+        self.errors = []
+        _add_lineage(self)
+
+    def enter(self) -> None:
+        """The calling thread acts for the fixture (its setup or teardown runs)."""
+        with self.lock:
+            self.family.add(threading.current_thread())
+
+    def leave(self) -> None:
+        """The calling thread no longer acts for the fixture."""
+        with self.lock:
+            self.family.discard(threading.current_thread())
+
+    def acting(self) -> bool:
+        """Whether the calling thread acts for the fixture."""
+        with self.lock:
+            return self.active and threading.current_thread() in self.family
+
+    def _record(self, thread: threading.Thread) -> None:
+        with self.lock:
+            if not self.active or thread in self.started:
+                return  # fed by two wrappers at once
+        super()._record(thread)
+
+    def close(self) -> None:
+        with self.lock:
+            self.active = False
+        _remove_lineage(self)
+
+
+def acting_for_a_fixture() -> bool:
+    """Whether the calling thread belongs to a live fixture's lineage."""
+    with _lineages_lock:
+        lineages = list(_LINEAGES)
+    return any(lineage.acting() for lineage in lineages)
+
+
+def _feed_lineages(thread: threading.Thread) -> None:
+    with _lineages_lock:
+        lineages = list(_LINEAGES)
+    for lineage in lineages:
+        lineage._record(thread)
+
+
+def _add_lineage(lineage: Lineage) -> None:
+    global _lineage_start, _start_under_it
+    with _lineages_lock:
+        _LINEAGES.append(lineage)
+        if _lineage_start is not None and threading.Thread.start is _lineage_start:
+            return
+        # Not installed, or someone put a start of theirs over ours (ours may be gone from
+        # under it): a fresh one on top. Two of ours feed a start twice; lineages record once.
+        _start_under_it = original = threading.Thread.start
+
+        def start(thread: threading.Thread) -> None:
+            _feed_lineages(thread)
+            original(thread)
+
+        _lineage_start = start
+        threading.Thread.start = start  # type: ignore[method-assign, assignment]
+
+
+def _remove_lineage(lineage: Lineage) -> None:
+    global _lineage_start, _start_under_it
+    with _lineages_lock:
+        if lineage in _LINEAGES:
+            _LINEAGES.remove(lineage)
+        if _LINEAGES or _lineage_start is None:
+            return
+        # Restored only if nobody wrapped it after us; otherwise ours stays, feeding nobody.
+        if threading.Thread.start is _lineage_start:
+            threading.Thread.start = _start_under_it  # type: ignore[method-assign]
+            _lineage_start = _start_under_it = None
+
+
 def _running(
-    state: _Recording, ignored: object
+    state: _Recording, ignored: object, loop_pools: bool = False
 ) -> tuple[
     list[tuple[threading.Thread, _Started]],
     dict[Any, list[tuple[threading.Thread, _Started]]],
@@ -195,10 +319,12 @@ def _running(
     leaked: list[tuple[threading.Thread, _Started]] = []
     pools: dict[Any, list[tuple[threading.Thread, _Started]]] = {}
     for thread, started in state.threads():
-        if not thread.is_alive() or _belongs_to_processes(thread):
+        if not thread.is_alive() or _belongs_to_processes(thread) or _claimed(thread):
             continue
         executor = _executor_of(thread)
-        if executor is not None and executor is ignored:
+        if executor is not None and (
+            executor is ignored or (loop_pools and _is_loop_executor(executor))
+        ):
             continue
         if executor is not None and not getattr(executor, "_shutdown", False):
             # An executor nobody shut down keeps its idle workers forever: no use waiting.
@@ -206,6 +332,12 @@ def _running(
         else:
             leaked.append((thread, started))
     return leaked, pools
+
+
+def _is_loop_executor(executor: object) -> bool:
+    # asyncio names the workers of every loop's default executor so (3.9+); the loop's
+    # owner shuts it down when it closes the loop.
+    return str(getattr(executor, "_thread_name_prefix", "")).startswith("asyncio")
 
 
 def _is_deadlock_error(exc: BaseException | None) -> bool:
@@ -248,20 +380,44 @@ def _loop_executor() -> object:
     return getattr(loop, "_default_executor", None)
 
 
-def _leak_report(leaked: list[tuple[threading.Thread, _Started]]) -> str:
-    lines = [f"pytest-concur: the test left {plural(len(leaked), 'thread')} running"]
+def _leak_report(leaked: list[tuple[threading.Thread, _Started]], owner: Owner = TEST) -> str:
+    lines = [f"pytest-concur: {owner.subject} left {plural(len(leaked), 'thread')} running"]
     for thread, started in leaked:
         daemon = ", daemon" if thread.daemon else ""
         lines.append(
             f"  Thread {thread.name!r} (target={started.target}{daemon}) started at {started.site}"
         )
     them, are = ("it", "it is") if len(leaked) == 1 else ("them", "they are")
+    when = "" if owner is TEST else f" {owner.until}"  # a test's message stays as it was
     lines.append(
-        f"  Python cannot stop a thread from outside, so {are} left running. Make the test "
-        f"stop and join {them}, or allow {them}: "
+        f"  Python cannot stop a thread from outside, so {are} left running. Make {owner.who} "
+        f"stop and join {them}{when}, or allow {them}: "
         f'@pytest.mark.concur_allow(threads=["{leaked[0][0].name}"]).'
     )
     return "\n".join(lines)
+
+
+# -- for the concur fixture (pytest_concur/_workers.py) ---------------------------------------
+
+
+def _claimed(thing: object) -> bool:
+    # The concur fixture reports its workers' threads itself, and expect_clean() what its
+    # block left: one report each. Not imported when it never ran: nothing is claimed then.
+    workers = sys.modules.get("pytest_concur._workers")
+    return workers is not None and bool(workers.claimed(thing))
+
+
+def recorded(state: Recording) -> list[threading.Thread]:
+    """The threads a recording saw started."""
+    assert isinstance(state, _Recording)
+    return [thread for thread, _ in state.threads()]
+
+
+def busy(state: Recording) -> bool:
+    """Whether a thread the verdict would give the grace period still runs."""
+    assert isinstance(state, _Recording)
+    leaked, _ = _running(state, _loop_executor())
+    return any(thread.is_alive() for thread, _ in leaked)
 
 
 ThreadsCheck.watch_type = ThreadsWatch
