@@ -7,8 +7,22 @@ starts with an underscore is private.
 from __future__ import annotations
 
 from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
-from pytest_concur._locks import DeadlockError
+from pytest_concur._locks import DeadlockError, HangError
+from pytest_concur._workers import Concur, Worker, WorkerProcessTraceback, WorkerTimeoutError
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["Backend", "BodyCall", "Check", "DeadlockError", "Runner", "Watch", "__version__"]
+__all__ = [
+    "Backend",
+    "BodyCall",
+    "Check",
+    "Concur",
+    "DeadlockError",
+    "HangError",
+    "Runner",
+    "Watch",
+    "Worker",
+    "WorkerProcessTraceback",
+    "WorkerTimeoutError",
+    "__version__",
+]

@@ -10,12 +10,15 @@ from __future__ import annotations
 import inspect
 import sys
 from collections.abc import Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_concur import _fixtures, _marker, _registry
 from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM
+
+if TYPE_CHECKING:
+    from pytest_concur._workers import Concur
 
 FIXTURE = "concur_backend"
 _RUNNER = pytest.StashKey[Any]()
@@ -53,6 +56,21 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Stress mode: run N copies of the body of every test that runs under a backend "
         "at once (tests with @pytest.mark.backend(..., workers=M) run M). Overrides the "
         "concur_workers ini key.",
+    )
+    group.addoption(
+        "--concur-timeout",
+        dest="concur_timeout",
+        metavar="SECONDS",
+        default=None,
+        help="Deadline of each test that runs under a backend when pytest-timeout sets none "
+        "for it (0: none); at the deadline the test fails with a report of every thread, "
+        "task and child process. Overrides the concur_timeout ini key (default 120).",
+    )
+    parser.addini(
+        "concur_timeout",
+        "Seconds a test that runs under a backend may take when pytest-timeout sets no "
+        "timeout for it (default 120; 0 for none).",
+        default="",
     )
     parser.addini(
         _marker.WORKERS_INI,
@@ -95,7 +113,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         )
     parser.addini(
         "concur_checks_off",
-        "pytest-concur checks to turn off for every test: threads, tasks, processes.",
+        "pytest-concur checks to turn off for every test: threads, tasks, processes, blocked_loop.",
         type="args",
         default=[],
     )
@@ -104,6 +122,30 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "Seconds a thread or process a test started may take to finish after the body "
         "returned before it is reported as left running (default 1.0).",
         default="1.0",
+    )
+    # Checks around every test and every fixture (pytest_concur/_checks/fixtures.py).
+    group.addoption(
+        "--concur-check-all",
+        dest="concur_check_all",
+        action="store_true",
+        default=False,
+        help="Run pytest-concur's checks (deadlocks, leaks, background errors) around every "
+        "test, not only those that run under a backend, and check every fixture's leftovers "
+        "at its teardown. Same as the concur_check_all_tests ini key.",
+    )
+    parser.addini(
+        "concur_check_all_tests",
+        "Run pytest-concur's checks around every test and every fixture, not only those of "
+        "tests that run under a backend (default false).",
+        type="bool",
+        default=False,
+    )
+    # Read by pytest_concur/_checks/blocked_loop.py (declared here: see the leak checks' keys).
+    parser.addini(
+        "concur_blocked_loop",
+        "Seconds one task step or callback may hold a test's event loop before the test "
+        "fails (default 0.1; 0 turns the check off).",
+        default="0.1",
     )
 
 
@@ -124,13 +166,25 @@ def pytest_configure(config: pytest.Config) -> None:
         "concur_allow(threads=[...], tasks=[...], processes=[...], started_by=[...], "
         "checks_off=[...]): let this test leave running the threads, tasks and processes "
         "whose name or target matches a pattern (fnmatch) or that a matching function "
-        "started; checks_off turns pytest-concur's leak checks off (threads, tasks, processes).",
+        "started; checks_off turns pytest-concur's checks off (threads, tasks, processes, "
+        "blocked_loop).",
     )
-    from pytest_concur import _backends, _checks
+    config.addinivalue_line(
+        "markers",
+        "concur_blocked_loop(seconds): how long one task step or callback may hold this "
+        "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
+        "0.1); 0 turns the check off.",
+    )
+    from pytest_concur import _backends, _checks, _timeout
 
+    config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
     config.pluginmanager.register(_checks, "concur-builtin-checks")
     config.pluginmanager.register(_fixtures, "concur-async-fixtures")
+    # After the async fixtures: its setup wrapper must see the fixture's own function.
+    from pytest_concur._checks import fixtures as _fixture_checks
+
+    config.pluginmanager.register(_fixture_checks, "concur-fixture-checks")
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -145,6 +199,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"({backend.description}); select them with -m concur_{name}.",
         )
     _marker.default_workers(config)  # a bad --concur-workers is a usage error up front
+    from pytest_concur import _timeout
+
+    _timeout.default(config)  # and so is a bad --concur-timeout
     default = _marker.default_selection(config)
     if default is not None:
         problem = _marker.check(default, registry)
@@ -168,6 +225,19 @@ def worker_index() -> int:
     the copies, so a fixture that asks for ``worker_index`` gets 0.
     """
     return 0
+
+
+@pytest.fixture
+def concur(request: pytest.FixtureRequest) -> Generator[Concur, None, None]:
+    """Workers of the test's own backend, joined before it ends (see docs/workers.md).
+
+    ``concur.start(fn, *args, **kwargs)`` runs ``fn`` in a thread, a task (``asyncio``) or a
+    child process (``process``) and returns a ``Worker`` to join; ``concur.expect_clean()``
+    fails if the code in its block leaves a thread, task or process running.
+    """
+    from pytest_concur import _workers
+
+    yield from _workers.fixture(request)
 
 
 @pytest.fixture
@@ -274,6 +344,18 @@ def pytest_runtest_makereport(
 
         add_section(item, report)
     return report
+
+
+@pytest.hookimpl(wrapper=True, trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]:
+    try:
+        return (yield)
+    finally:
+        if "pytest_concur._shutdown" in sys.modules:
+            from pytest_concur import _shutdown
+
+            # The status the process exits with, should stuck threads make us end it early.
+            _shutdown.note_exit_status(int(session.exitstatus))
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:

@@ -200,9 +200,14 @@ def test_public_api_is_what_all_says() -> None:
         "Backend",
         "BodyCall",
         "Check",
+        "Concur",
         "DeadlockError",
+        "HangError",
         "Runner",
         "Watch",
+        "Worker",
+        "WorkerProcessTraceback",
+        "WorkerTimeoutError",
         "__version__",
     ]
     for name in pytest_concur.__all__:

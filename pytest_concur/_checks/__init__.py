@@ -12,10 +12,12 @@ from pytest_concur._backends.base import Check
 @pytest.hookimpl(trylast=True)
 def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
     from pytest_concur._checks import _allow
+    from pytest_concur._checks.blocked_loop import BlockedLoopCheck
     from pytest_concur._checks.deadlock import DeadlockCheck
     from pytest_concur._checks.processes import ProcessesCheck
     from pytest_concur._checks.tasks import TasksCheck
     from pytest_concur._checks.threads import ThreadsCheck
+    from pytest_concur._workers import WorkersCheck
 
     _allow.from_ini(config)  # a bad ini key is a usage error now, not in the first test
     # Watches begin in this order and end in the reverse one. The deadlock check goes first:
@@ -26,4 +28,9 @@ def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
         ThreadsCheck(config),
         TasksCheck(config),
         ProcessesCheck(config),
+        # After the leak checks, so it ends before them: the workers of the concur fixture
+        # are judged (and stopped) by it, and the leak checks leave them alone.
+        WorkersCheck(),
+        # Last, so it begins closest to the body: the others' setup is not timed as its step.
+        BlockedLoopCheck(config),
     ]
