@@ -794,15 +794,9 @@ class _ProcessRun(_Run):
 
 
 def _crash_message(worker: Worker[Any], process: BaseProcess, code: int | None) -> str:
-    if code is not None and code < 0:
-        import signal
+    from pytest_concur._checks._where import how_it_ended
 
-        try:
-            how = f"was killed by signal {signal.Signals(-code).name}"
-        except ValueError:
-            how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
+    how = how_it_ended(code)
     return (
         f"pytest-concur: worker process {worker.name!r} (pid {process.pid}) {how} before it "
         "returned: its function crashed the interpreter, called os._exit(), or it was killed. "

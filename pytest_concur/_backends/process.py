@@ -403,14 +403,9 @@ def _fail_crashed(process: BaseProcess, nodeid: str) -> NoReturn:
 
 
 def _crash_message(process: BaseProcess, nodeid: str) -> str:
-    code = process.exitcode
-    if code is not None and code < 0:
-        try:
-            how = f"was killed by signal {signal.Signals(-code).name} ({-code})"
-        except ValueError:
-            how = f"was killed by signal {-code}"
-    else:
-        how = f"exited with code {code}"
+    from pytest_concur._checks._where import how_it_ended
+
+    how = how_it_ended(process.exitcode)
     return (
         f"the child process (pid {process.pid}) running {nodeid} {how} before it reported "
         "an outcome: the body crashed the interpreter, called os._exit(), or was killed. "

@@ -116,6 +116,18 @@ def callable_name(function: object) -> str:
     return str(name)
 
 
+def how_it_ended(exitcode: int | None) -> str:
+    """``exited with code 3`` or ``was killed by signal SIGKILL (9)``, for a process."""
+    if exitcode is not None and exitcode < 0:
+        import signal
+
+        try:
+            return f"was killed by signal {signal.Signals(-exitcode).name} ({-exitcode})"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
+
+
 def plural(count: int, word: str, many: str | None = None) -> str:
     """``1 thread``, ``2 threads``."""
     return f"{count} {word if count == 1 else (many or word + 's')}"

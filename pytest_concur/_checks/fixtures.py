@@ -297,8 +297,8 @@ def pytest_fixture_post_finalizer(
             state.reports.append(report)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+def _report_after_phase(item: pytest.Item) -> Generator[None, None, None]:
+    """Around setup and teardown: raise the reports of fixtures finalized meanwhile."""
     # No __tracebackhide__: the reports print as their message alone (pytrace=False), and
     # with every frame hidden pytest would add that it hid them.
     try:
@@ -309,16 +309,10 @@ def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
     _raise_reports(item.config)
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    # No __tracebackhide__: the reports print as their message alone (pytrace=False), and
-    # with every frame hidden pytest would add that it hid them.
-    try:
-        yield
-    except BaseException as exc:
-        _add_reports(item.config, exc)
-        raise
-    _raise_reports(item.config)
+# Fixtures are finalized in both phases (a parametrized one before its next parameter's
+# setup), and their reports are handled alike.
+pytest_runtest_setup = pytest.hookimpl(wrapper=True)(_report_after_phase)
+pytest_runtest_teardown = pytest_runtest_setup
 
 
 def _queued(config: pytest.Config) -> str | None:
