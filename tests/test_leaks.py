@@ -405,6 +405,41 @@ def test_process_pools_left_open_are_terminated(
     result.stdout.no_fnmatch_line("*left * thread*")
 
 
+def test_pool_whose_terminate_gets_stuck_does_not_hang_the_session(
+    pytester: pytest.Pytester,
+) -> None:
+    # A worker killed while it holds the lock the pool's workers share leaves
+    # Pool.terminate() waiting for that lock forever.
+    pytester.makeini(FAST)
+    pytester.makepyfile(
+        """
+        import multiprocessing, os, signal, time
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_leaves_a_broken_pool():
+            pool = multiprocessing.get_context("fork").Pool(1)
+            assert pool.apply(abs, (-1,)) == 1
+            time.sleep(0.1)  # the worker waits for its next task, holding the queue's lock
+            os.kill(pool._pool[0].pid, signal.SIGKILL)
+            time.sleep(0.1)
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester, "-W", "ignore::DeprecationWarning")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: the test left 1 process pool open",
+            "  Pool with 1 worker process created at *.py:6 in test_leaves_a_broken_pool "
+            "was never closed",
+            "  its terminate() got stuck*pytest-concur killed its worker processes",
+        ]
+    )
+
+
 def test_leak_report_is_added_to_a_failing_test(pytester: pytest.Pytester) -> None:
     pytester.makeini(FAST)
     pytester.makepyfile(

@@ -400,14 +400,52 @@ def _close_pools(pools: list[tuple[Any, Site]], grace: float, owner: Owner = TES
             else:
                 workers_text = plural(count, "worker process", "worker processes")
             lines.append(f"  {kind} with {workers_text} created at {site} was never closed")
-            with contextlib.suppress(Exception):
-                pool.terminate()
+            if not _terminate_within(pool, max(grace, 2.0)):
+                lines.append(
+                    "  its terminate() got stuck (a lock its workers share is held by a "
+                    "process that died, or by a thread of the test still using the pool): "
+                    "pytest-concur killed its worker processes"
+                )
     lines.append(
         f"  pytest-concur terminated {'it' if len(pools) == 1 else 'them'}. Use the pool as a "
         "context manager "
         "(with Pool() as pool: ...), or close and join it (shutdown() for an executor)."
     )
     return "\n".join(lines)
+
+
+def _terminate_within(pool: Any, seconds: float) -> bool:
+    """``pool.terminate()``, which can block forever, given ``seconds``; whether it ended.
+
+    ``multiprocessing.Pool.terminate`` takes a lock its workers share; when a worker that
+    held it died, or a thread of the test still waits on the pool, it never returns. It
+    runs in a bare thread of its own (``_thread``: no ``threading.Thread``, which the checks
+    would record, and which the interpreter would wait for at exit); if it does not end in
+    time, the pool's worker processes are killed instead.
+    """
+    import _thread
+
+    from pytest_concur import _locks
+
+    ended = _locks._real_allocate_lock()
+    ended.acquire()
+
+    def terminate() -> None:
+        try:
+            with contextlib.suppress(Exception):
+                pool.terminate()
+        finally:
+            ended.release()
+
+    _thread.start_new_thread(terminate, ())
+    if ended.acquire(timeout=seconds):
+        return True
+    for worker in list(getattr(pool, "_pool", ()) or ()):  # private: the pool's processes
+        kill = getattr(worker, "kill", None)
+        if kill is not None:
+            with contextlib.suppress(Exception):
+                kill()
+    return False
 
 
 def _stop_process(process: BaseProcess) -> None:
