@@ -29,9 +29,16 @@ WORKERS_INI = "concur_workers"
 _KEYWORDS = ("workers",)
 
 # Markers by which other plugins claim an async test, and what to call them in messages.
-_OTHER_RUNNERS = {"asyncio": "pytest-asyncio", "anyio": "anyio", "trio": "pytest-trio"}
+# marker -> (the plugin that runs tests so marked, its name in the plugin manager)
+_OTHER_RUNNERS = {
+    "asyncio": ("pytest-asyncio", "asyncio"),
+    "anyio": ("anyio", "anyio"),
+    "trio": ("pytest-trio", "trio"),
+}
 
 _DEFAULT = pytest.StashKey["Selection | None"]()
+# Tests --concur-backends left to the plugin that runs them, by that plugin (for the report).
+_LEFT_TO_OTHERS = pytest.StashKey[dict[str, int]]()
 _DEFAULT_WORKERS = pytest.StashKey[int]()
 
 
@@ -167,14 +174,20 @@ def check(selection: Selection, registry: BackendRegistry) -> str | None:
     return None
 
 
+def left_to_others(config: pytest.Config) -> dict[str, int]:
+    """How many tests the default backends left to another plugin, by that plugin."""
+    return dict(config.stash.get(_LEFT_TO_OTHERS, {}))
+
+
 def claimed_by(function: pytest.Function) -> str | None:
     """The other plugin that runs this async test, if one does."""
     if not inspect.iscoroutinefunction(function.obj):
         return None
-    for marker, plugin in _OTHER_RUNNERS.items():
-        if function.get_closest_marker(marker) is not None:
-            return f"{plugin} (its @pytest.mark.{marker})"
     config = function.config
+    for marker, (plugin, name) in _OTHER_RUNNERS.items():
+        # A marker whose plugin is not loaded (-p no:asyncio, not installed) runs nothing.
+        if function.get_closest_marker(marker) is not None and config.pluginmanager.hasplugin(name):
+            return f"{plugin} (its @pytest.mark.{marker})"
     if config.pluginmanager.hasplugin("asyncio") and config.getini("asyncio_mode") == "auto":
         return "pytest-asyncio (asyncio_mode = auto)"
     return None
@@ -197,7 +210,12 @@ def select(function: pytest.Function, registry: BackendRegistry) -> Selection | 
             )
     else:
         default = default_selection(function.config)
-        if default is None or claimed_by(function) is not None:
+        if default is None:
+            return None
+        other = claimed_by(function)
+        if other is not None:
+            left = function.config.stash.setdefault(_LEFT_TO_OTHERS, {})
+            left[other] = left.get(other, 0) + 1
             return None
         selection = default
     problem = check(selection, registry)

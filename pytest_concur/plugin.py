@@ -279,13 +279,17 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
     # something it did not.
     if _marker.default_selection(config) is None:
         return None
+    lines = [
+        f"pytest-concur: {count} async test(s) left to {plugin}, which runs them"
+        for plugin, count in _marker.left_to_others(config).items()
+    ]
     plain = sum(1 for item in items if type(item).__name__ == "TestCaseFunction")
-    if not plain:
-        return None
-    return (
-        f"pytest-concur: {plain} unittest.TestCase test(s) run plainly: backends apply to "
-        "pytest-style test functions and methods"
-    )
+    if plain:
+        lines.append(
+            f"pytest-concur: {plain} unittest.TestCase test(s) run plainly: backends apply to "
+            "pytest-style test functions and methods"
+        )
+    return "\n".join(lines) or None
 
 
 @pytest.hookimpl(wrapper=True)

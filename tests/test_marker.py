@@ -244,6 +244,29 @@ def test_option_leaves_pytest_asyncio_tests_to_pytest_asyncio(
     # In auto mode pytest-asyncio claims every async test; in strict mode only marked ones.
     unmarked = "test_unmarked PASSED" if mode == "auto" else "test_unmarked[[]thread[]] PASSED"
     result.stdout.fnmatch_lines(["*test_marked PASSED*", f"*{unmarked}*"])
+    # Said, so that the option does not look as if it did nothing.
+    left = 2 if mode == "auto" else 1
+    result.stdout.fnmatch_lines([f"pytest-concur: {left} async test(s) left to pytest-asyncio*"])
+
+
+def test_marker_of_a_plugin_that_is_not_loaded_claims_nothing(pytester: pytest.Pytester) -> None:
+    # PYTEST_ADDOPTS has -p no:asyncio: a test marked for pytest-asyncio would run nowhere.
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_marked(concur_backend):
+            await asyncio.sleep(0)
+            assert concur_backend in ("thread", "asyncio")
+        """
+    )
+    result = pytester.runpytest(
+        "-v", "--concur-backends=thread,asyncio", "-W", "ignore::pytest.PytestUnknownMarkWarning"
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*test_marked[[]thread[]] PASSED*"])
 
 
 def test_marker_and_another_async_plugin_on_one_test_is_an_error(pytester: pytest.Pytester) -> None:
