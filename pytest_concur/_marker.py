@@ -176,7 +176,8 @@ def check(selection: Selection, registry: BackendRegistry) -> str | None:
 
 def left_to_others(config: pytest.Config) -> dict[str, int]:
     """How many tests the default backends left to another plugin, by that plugin."""
-    return dict(config.stash.get(_LEFT_TO_OTHERS, {}))
+    left: dict[str, int] = config.stash.get(_LEFT_TO_OTHERS, {})
+    return dict(left)
 
 
 def claimed_by(function: pytest.Function) -> str | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 
@@ -298,3 +300,35 @@ def test_pytest_asyncio_fixtures_stay_with_pytest_asyncio(
         """
     )
     pytester.runpytest("--concur-backends=thread").assert_outcomes(passed=2)
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are new in 3.11")
+def test_asyncio_run_in_a_sync_body_under_asyncio_says_why_it_fails(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        async def answer():
+            return 42
+
+        @pytest.mark.backend("thread", "asyncio")
+        def test_runs_its_own_loop():
+            coro = answer()
+            try:
+                assert asyncio.run(coro) == 42
+            finally:
+                coro.close()
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E  *RuntimeError: asyncio.run() cannot be called from a running event loop",
+            "E  *pytest-concur: under the asyncio backend a plain def test body runs inside the "
+            "running event loop*@pytest.mark.backend(*thread*, *process*).",
+        ]
+    )

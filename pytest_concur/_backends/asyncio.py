@@ -8,6 +8,7 @@ its function-scoped async fixtures ran on, closed after the item's teardown.
 
 from __future__ import annotations
 
+import sys
 from typing import final
 
 import pytest
@@ -38,7 +39,21 @@ class _AsyncioRunner:
             cause = exc.__cause__
             if not call.is_async and isinstance(cause, StopIteration):
                 raise cause from None
+            if not call.is_async and "running event loop" in str(exc):
+                _explain_running_loop(exc)
             raise
 
     def close(self) -> None:
         pass
+
+
+def _explain_running_loop(exc: RuntimeError) -> None:
+    """Say why a sync body met a running loop, and what to do (asyncio.run() in the body)."""
+    note = (
+        "pytest-concur: under the asyncio backend a plain def test body runs inside the "
+        "running event loop, as code called from a coroutine would; asyncio.run() and "
+        "loop.run_until_complete() cannot be called there. If this test needs no running "
+        'loop, run it under the other backends: @pytest.mark.backend("thread", "process").'
+    )
+    if sys.version_info >= (3, 11):
+        exc.add_note(note)
