@@ -13,8 +13,10 @@ everything of the test stands, for a person to act on:
 
 It also lets the stuck threads go where it can (:func:`release`): tracked waits raise
 :class:`HangError`, and threads the test started that run Python code are sent
-``HangError`` asynchronously. A thread blocked in C code keeps waiting; ``_shutdown`` then
-keeps it from holding the interpreter open at exit.
+``HangError`` asynchronously (an event loop such a thread runs is woken, so that it runs
+Python code again). A thread blocked in C code keeps waiting; ``_shutdown`` then keeps it
+from holding the interpreter open at exit. The HangError a thread dies of is kept from the
+thread-exception hooks, however late it lands.
 
 Invariant: this code runs in a signal handler in the main thread, which may hold any of
 the plugin's locks at that moment; it never blocks on a lock (it reads the tracker's
@@ -33,7 +35,6 @@ import sys
 import threading
 import time
 import traceback
-import weakref
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -58,6 +59,8 @@ _STACK_FILES_LOCK = _locks._real_rlock()  # made untracked whenever we are impor
 # them again).
 _REPORTED: set[int] = set()
 _HARNESS_CHILDREN = ("multiprocessing.resource_tracker", "multiprocessing.forkserver")
+# The running version, typed so that mypy (set to the oldest one) keeps every branch.
+_PYTHON: tuple[int, ...] = tuple(sys.version_info[:2])
 
 
 def install_parent_handler() -> Callable[[], None] | None:
@@ -119,14 +122,25 @@ def report(body_thread: int | None, passive: frozenset[int], main_frame: FrameTy
     ``passive`` threads only wait for the body and are left out; ``main_frame`` is the
     frame the main thread was interrupted in, when this runs in a signal handler.
     """
-    sections = [_threads(body_thread, passive, main_frame)]
-    tasks = _tasks()
-    if tasks:
-        sections.append(tasks)
-    children = _children()
-    if children:
-        sections.append(children)
-    return "\n\n".join(section for section in sections if section)
+    sections = [
+        _section("threads", lambda: _threads(body_thread, passive, main_frame)),
+        _section("tasks", _tasks),
+        _section("child processes", _children),
+    ]
+    text = "\n\n".join(section for section in sections if section)
+    return text or "(no thread, task or child process of the test was found)"
+
+
+def _section(what: str, make: Callable[[], str]) -> str:
+    """One part of a report; a part that fails says so instead of losing the rest.
+
+    The report runs in a signal handler, at whatever moment the deadline struck: a thread
+    or task in an odd state must not turn the test's failure into a crash of ours.
+    """
+    try:
+        return make()
+    except Exception as exc:
+        return f"(pytest-concur could not list the {what}: {type(exc).__name__}: {exc})"
 
 
 # What a child of the process backend writes after faulthandler's dump, when its main
@@ -139,7 +153,10 @@ def report_in_child(main_frame: FrameType | None) -> str:
     """The threads and tasks of this process (a child), for its parent's report."""
     tracker = _locks.TRACKER
     body = tracker.body_thread if tracker is not None else threading.get_ident()
-    sections = [_threads(body, frozenset(), main_frame, in_child=True), _tasks()]
+    sections = [
+        _section("threads", lambda: _threads(body, frozenset(), main_frame, in_child=True)),
+        _section("tasks", _tasks),
+    ]
     return "\n\n".join(section for section in sections if section)
 
 
@@ -164,9 +181,10 @@ def _threads(
         (ident for ident in frames if ident not in passive),
         key=lambda ident: (ident != body_thread, ident not in started, _name(names, ident)),
     )
-    lines = ["Threads (most recent call last):"]
+    # Threads alike (a pool's idle workers, copies of one loop) are shown once, as one
+    # block: (roles, lines) -> the names of the threads it stands for.
+    blocks: dict[tuple[str, tuple[str, ...]], list[str]] = {}
     for ident in order:
-        stack = _stack(frames[ident])
         # (A forked child's stack starts with its parent's frames, waiting included.)
         if ident == me and not in_child and main_frame is not None and waits_for_body(main_frame):
             continue  # pytest's thread, waiting for the body's thread or process
@@ -178,23 +196,54 @@ def _threads(
             role.append("started by the test")
         elif tracker is not None and ident in tracker.foreign_at_start:
             role.append("running before the test began")
+        elif thread is None:
+            role.append("not a threading.Thread: started by C code or _thread")
         if thread is not None and thread.daemon:
             role.append("daemon")
-        label = f"  Thread {_name(names, ident)}" + (f" ({', '.join(role)})" if role else "")
-        lines.append(label + ":")
-        if not stack:
-            target = getattr(thread, "_target", None)  # private, but the only clue left
-            stack = [f"(no Python frames of its own: it runs {callable_name(target)})"]
-        lines.extend("    " + line for line in stack)
+        body = _stack(frames[ident])
+        state: list[str] = []
         if tracker is not None:
             held = _copy(lambda ident=ident: list(tracker.held.get(ident, ())))
             for lock in held or ():
                 kind = "RLock" if lock._reentrant else "Lock"
-                lines.append(f"    holds {kind} created at {lock.site}")
+                state.append(f"holds {kind} created at {lock.site}")
             wait = _copy(lambda ident=ident: tracker.waits.get(ident))
             if wait is not None:
-                lines.append(f"    {wait.describe()} (at {wait.site})")
+                state.append(f"{wait.describe()} (at {wait.site})")
+        if not body:
+            target = getattr(thread, "_target", None)  # private, but the only clue left
+            if target is not None:
+                body = [f"(no Python frames of its own: it runs {callable_name(target)})"]
+            elif ident in (me, body_thread) or ident in started or state:
+                body = ["(only pytest's and pytest-concur's own frames: between steps of the test)"]
+            else:
+                continue  # the harness's (an xdist or pytest thread): nothing of the test's
+        body += state
+        roles = f" ({', '.join(role)})" if role else ""
+        blocks.setdefault((roles, tuple(body)), []).append(_name(names, ident))
+    lines = ["Threads (most recent call last):"]
+    for shown, ((roles, block), members) in enumerate(blocks.items()):
+        if shown == _MAX_THREAD_BLOCKS:
+            rest = [name for group in list(blocks.values())[shown:] for name in group]
+            lines.append(f"  ... and {len(rest)} more threads, not shown: {_some(rest)}")
+            break
+        if len(members) == 1:
+            lines.append(f"  Thread {members[0]}{roles}:")
+        else:
+            lines.append(f"  {len(members)} threads alike, {_some(members)}{roles}:")
+        lines.extend("    " + line for line in block)
     return "\n".join(lines) if len(lines) > 1 else ""
+
+
+# A report stays readable, however many threads a test left: alike threads share a block,
+# and past this many blocks only names are given.
+_MAX_THREAD_BLOCKS = 40
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """``'a', 'b', 'c' and 7 more``."""
+    text = ", ".join(names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _name(names: dict[int | None, threading.Thread], ident: int) -> str:
@@ -223,21 +272,48 @@ _NOISE = (
     os.path.join("multiprocessing", "process.py"),
     os.path.join("multiprocessing", "popen_fork.py"),
     os.path.join("multiprocessing", "context.py"),
+    os.path.join("multiprocessing", "forkserver.py"),
+    os.path.join("multiprocessing", "spawn.py"),
+    # pytest-xdist's worker: its start-up and the I/O thread of execnet.
+    os.sep + "execnet" + os.sep,
+    os.sep + "xdist" + os.sep,
 )
 _THREAD_START = ("run", "_bootstrap", "_bootstrap_inner")
+# Where a multiprocessing child's own life starts: what its stack holds before that frame
+# is how it was started (a fork copies the whole stack of its parent, pytest's included).
+_CHILD_START = (os.path.join("multiprocessing", "process.py"), "_bootstrap")
+# A stack deeper than this shows its oldest and newest calls only.
+_MAX_FRAMES = 40
+_OLDEST_KEPT = 8
 
 
 def _is_noise(filename: str, name: str) -> bool:
     if filename.startswith(_locks._PACKAGE) or any(part in filename for part in _NOISE):
         return True
+    if filename == "<string>" and name == "<module>":
+        return True  # the ``python -c`` that started a spawned child or an xdist worker
     return filename.endswith("threading.py") and name in _THREAD_START
+
+
+def _is_child_start(filename: str, name: str) -> bool:
+    return filename.endswith(_CHILD_START[0]) and name == _CHILD_START[1]
 
 
 def _stack(frame: FrameType | None) -> list[str]:
     """A thread's stack, oldest call first, without the frames of :data:`_NOISE`."""
     summary = traceback.StackSummary.extract(traceback.walk_stack(frame), capture_locals=False)
-    entries = [entry for entry in reversed(summary) if not _is_noise(entry.filename, entry.name)]
-    text = "".join(traceback.StackSummary.from_list(entries).format())
+    entries = list(reversed(summary))
+    starts = [i for i, entry in enumerate(entries) if _is_child_start(entry.filename, entry.name)]
+    if starts:
+        entries = entries[starts[-1] + 1 :]
+    entries = [entry for entry in entries if not _is_noise(entry.filename, entry.name)]
+    hidden = len(entries) - _MAX_FRAMES
+    if hidden > 0:
+        older = traceback.StackSummary.from_list(entries[:_OLDEST_KEPT]).format()
+        newer = traceback.StackSummary.from_list(entries[_OLDEST_KEPT + hidden :]).format()
+        text = "".join([*older, f"  ... ({hidden} calls not shown) ...\n", *newer])
+    else:
+        text = "".join(traceback.StackSummary.from_list(entries).format())
     return text.rstrip("\n").splitlines()
 
 
@@ -255,15 +331,22 @@ def waits_for_body(frame: FrameType | None) -> bool:
 
 
 def _filter_dump(text: str) -> str:
-    """A faulthandler dump without the frames of :data:`_NOISE`."""
+    """A faulthandler dump without the frames of :data:`_NOISE`.
+
+    Its stacks list the most recent call first: a child's start ends what is kept of each.
+    """
     kept = []
+    started = False  # past the child's start, in the stack of the thread at hand
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith('File "') and " in " in stripped:
             filename = stripped[len('File "') :].split('"', 1)[0]
             name = stripped.rsplit(" in ", 1)[-1]
-            if _is_noise(filename, name):
+            if started or _is_noise(filename, name):
+                started = started or _is_child_start(filename, name)
                 continue
+        else:
+            started = False
         kept.append(line)
     return "\n".join(kept)
 
@@ -272,17 +355,40 @@ def _filter_dump(text: str) -> str:
 
 
 def _pending_tasks() -> dict[asyncio.AbstractEventLoop, list[asyncio.Task[Any]]]:
-    """Pending tasks of every event loop of the process, found through the collector.
+    """Pending tasks of every event loop of the process.
 
     A loop running in another thread cannot be asked for from here, and asyncio keeps no
-    public list of loops; its tasks are all live objects, though.
+    public list of loops; it keeps a registry of every task, though (see :func:`_all_tasks`).
     """
     loops: dict[asyncio.AbstractEventLoop, list[asyncio.Task[Any]]] = {}
-    for obj in gc.get_objects():
-        if isinstance(obj, asyncio.Task) and not obj.done():
-            with contextlib.suppress(Exception):
-                loops.setdefault(obj.get_loop(), []).append(obj)
+    for task in _all_tasks():
+        with contextlib.suppress(Exception):
+            if not task.done():
+                loops.setdefault(task.get_loop(), []).append(task)
     return loops
+
+
+# asyncio's own registries of every task, all threads' (what asyncio.all_tasks filters).
+_TASK_REGISTRIES = ("_all_tasks", "_scheduled_tasks", "_eager_tasks")
+
+
+def _all_tasks() -> list[asyncio.Task[Any]]:
+    """Every task of the process.
+
+    Up to Python 3.13 asyncio registers every task in module-level sets, which are cheap to
+    read. From 3.14 its C tasks live in per-thread lists that can only be asked for one
+    loop at a time, and the loops are not listed anywhere: the collector's list of live
+    objects is walked instead, which costs a few tenths of a second in a process of
+    millions of objects.
+    """
+    if _PYTHON < (3, 14):
+        found: list[asyncio.Task[Any]] = []
+        for name in _TASK_REGISTRIES:
+            registry = getattr(asyncio.tasks, name, None)
+            if registry is not None:
+                found.extend(_copy(lambda registry=registry: list(registry)) or ())
+        return found
+    return [obj for obj in gc.get_objects() if isinstance(obj, asyncio.Task)]
 
 
 def _tasks() -> str:
@@ -326,7 +432,7 @@ def _children() -> str:
         import multiprocessing
 
         pids = [p.pid for p in multiprocessing.active_children() if p.pid is not None]
-    pids = [pid for pid in pids if not any(h in _cmdline(pid) for h in _HARNESS_CHILDREN)]
+    pids = [pid for pid in pids if not _is_harness(pid)]
     if not pids:
         return ""
     lines = ["Child processes:"]
@@ -338,6 +444,19 @@ def _children() -> str:
             _REPORTED.add(pid)
         lines.extend("    " + line for line in stacks.splitlines())
     return "\n".join(lines)
+
+
+def _is_harness(pid: int) -> bool:
+    """Whether ``pid`` is multiprocessing's own helper (its resource tracker, forkserver).
+
+    A process the forkserver forked (a ``forkserver`` child of the process backend, or of
+    the test) has the server's command line: it is told apart by its parent, the server.
+    """
+    command = _cmdline(pid)
+    if not any(harness in command for harness in _HARNESS_CHILDREN):
+        return False
+    parent = _parent(pid)
+    return parent is None or _cmdline(parent) != command
 
 
 def _cmdline(pid: int) -> str:
@@ -499,50 +618,93 @@ def release(passive: frozenset[int]) -> list[threading.Thread]:
     ]
     if not targets:
         return started
+    loops = _running_loops(targets)
+    # Waited for: the threads the test started, and a thread whose loop we end (the
+    # body's, under the thread backend), so that the teardown finds the loop stopped.
+    waited = {t.ident for t in started} | set(loops)
+    joined = [t for t in threading.enumerate() if t.ident in targets and t.ident in waited]
     # The threads die of HangError; that is our doing, not news for the thread-exception
-    # hooks (pytest's would blame whatever test runs next). The quiet hook stays until
-    # they are all gone (see settle), however late the exception reaches them.
-    _quiet_hook_install([t for t in started if t.ident in targets])
-    for ident in targets:
-        _raise_in(ident)
+    # hooks (pytest's would blame whatever test runs when it lands, maybe much later).
+    for thread in joined:
+        _quiet(thread)
+    if _async_exceptions_safe():
+        for ident in targets:
+            _raise_in(ident)
+        for loop in loops.values():
+            # A loop waiting in select() runs no Python code that HangError could land in.
+            with contextlib.suppress(Exception):
+                loop.call_soon_threadsafe(_wake)
+    else:
+        for loop in loops.values():
+            # No HangError to end the loop's run: stop it, so its thread returns and the
+            # item's teardown can close it.
+            with contextlib.suppress(Exception):
+                loop.call_soon_threadsafe(loop.stop)
     deadline = time.monotonic() + 0.5
-    for thread in started:
+    for thread in joined:
         remaining = deadline - time.monotonic()
-        if remaining > 0 and thread.ident in targets:
+        if remaining > 0:
             _locks._real_join(thread, remaining)
-    settle()
     return [thread for thread in started if thread.is_alive()]
 
 
-_SENT: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
-_previous_hook: Any = None
+def _quiet(thread: threading.Thread) -> None:
+    """Keep the thread's HangError from the thread-exception hooks; others pass on.
 
+    ``Thread`` hands an exception that ends its ``run`` to its own ``_invoke_excepthook``,
+    which calls ``threading.excepthook``. That global hook is replaced and put back by
+    others (pytest, the checks, the lock tracking) as tests come and go, and HangError may
+    land long after this test; the thread's own attribute stays ours.
+    """
+    invoke = getattr(thread, "_invoke_excepthook", None)  # private; CPython 3.8+
+    if invoke is None or getattr(invoke, "concur_quiet", False):
+        return
 
-def _quiet(args: Any) -> object:
-    if isinstance(args.exc_value, HangError):
-        return None
-    previous = _previous_hook or threading.__excepthook__
-    return previous(args)
-
-
-def _quiet_hook_install(threads: list[threading.Thread]) -> None:
-    global _previous_hook
-    with _STACK_FILES_LOCK:
-        _SENT.update(threads)
-        if threading.excepthook is not _quiet:
-            _previous_hook = threading.excepthook
-            threading.excepthook = _quiet
-
-
-def settle() -> None:
-    """Put the thread-exception hook back once every thread sent HangError is gone."""
-    global _previous_hook
-    with _STACK_FILES_LOCK:
-        if _previous_hook is None or any(t.is_alive() for t in list(_SENT)):
+    def quiet(thread: threading.Thread) -> None:
+        if isinstance(sys.exc_info()[1], HangError):
             return
-        if threading.excepthook is _quiet:
-            threading.excepthook = _previous_hook
-        _previous_hook = None
+        invoke(thread)
+
+    quiet.concur_quiet = True  # type: ignore[attr-defined]
+    with contextlib.suppress(Exception):
+        setattr(thread, "_invoke_excepthook", quiet)  # noqa: B010 - typeshed lacks it
+
+
+def _running_loops(idents: list[int]) -> dict[int, asyncio.AbstractEventLoop]:
+    """The event loop running in each of these threads that runs one, from its stack."""
+    frames = sys._current_frames()
+    loops: dict[int, asyncio.AbstractEventLoop] = {}
+    for ident in idents:
+        frame = frames.get(ident)
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "run_forever" and code.co_filename.endswith(_LOOP_FILE):
+                loop = frame.f_locals.get("self")
+                if isinstance(loop, asyncio.AbstractEventLoop):
+                    loops[ident] = loop
+                break
+            frame = frame.f_back
+    return loops
+
+
+_LOOP_FILE = os.path.join("asyncio", "base_events.py")
+
+
+def _wake() -> None:
+    """A callback that does nothing: the loop's thread runs Python code again."""
+
+
+def _async_exceptions_safe() -> bool:
+    """Whether HangError may be sent to threads that are maybe blocked in C code.
+
+    On Python 3.11, while an exception sent to a thread is pending (its thread blocked in
+    C code, perhaps for ever), every thread that is traced (coverage, a debugger) spins
+    on the first Python call it makes: the interpreter would hang. Other versions are not
+    affected.
+    """
+    if _PYTHON != (3, 11):
+        return True
+    return sys.gettrace() is None and threading.gettrace() is None
 
 
 def _raise_in(ident: int) -> None:

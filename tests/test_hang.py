@@ -6,6 +6,7 @@ hanging the suite. Deadlines are sub-second.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import pytest
@@ -375,3 +376,454 @@ def test_a_hung_body_leaves_nothing_installed(pytester: pytest.Pytester) -> None
         """
     )
     run(pytester, "-p", "no:timeout", "--concur-timeout=0.3").assert_outcomes(failed=2, passed=1)
+
+
+# -- where the deadline strikes ------------------------------------------------------------
+
+
+def test_deadline_during_the_checks_puts_everything_back(pytester: pytest.Pytester) -> None:
+    # Under the asyncio backend the checks end in the main thread: the threads check waits
+    # there for a thread that outlives the body. The deadline passes during that wait; it
+    # must not cut the checks' cleanup in half (the lock tracking stayed installed).
+    pytester.makepyfile(
+        """
+        import threading, time, _thread
+        import pytest
+
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.timeout(0.3)
+        def test_leaves_a_thread_behind():
+            threading.Thread(target=time.sleep, args=(0.7,), name="late").start()
+
+        def test_restored():
+            from pytest_concur import _locks
+
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+            assert now == ORIGINAL
+            assert _locks.TRACKER is None
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*Timeout (>0.3s, the pytest-timeout setting)*"])
+    assert "it runs None" not in result.stdout.str()  # the main thread, between steps
+
+
+def test_deadline_between_steps_is_not_an_internal_error(pytester: pytest.Pytester) -> None:
+    # The deadline passes while a reporting hook runs, outside setup, call and teardown: a
+    # failure raised there would end the whole session with an INTERNALERROR.
+    pytester.makeconftest(
+        """
+        import time
+
+        def pytest_runtest_logreport(report):
+            if report.when == "call" and "slow_report" in report.nodeid:
+                time.sleep(0.6)  # uploads the result, say
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        def test_slow_report():
+            pass
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_slow_report*", "*Timeout (>0.3s*"])
+    assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
+
+
+def test_teardown_gets_a_deadline_after_the_test_hung(pytester: pytest.Pytester) -> None:
+    # What hung the body often stalls its fixtures' cleanup too: without a deadline of its
+    # own, the teardown would hang the session after the test's failure was reported.
+    pytester.makepyfile(
+        """
+        import threading, time
+        import pytest
+
+        NEVER = threading.Event()  # made before the test: a wait nobody ends
+
+        @pytest.fixture
+        def server():
+            yield
+            NEVER.wait()
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        def test_hangs(server):
+            time.sleep(30)
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1, errors=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_hangs*",
+            "Timeout (>0.3s, the pytest-timeout setting, given again to the teardown after the "
+            "deadline passed): *",
+            "  Thread 'MainThread':",
+            '      File "*test_teardown_gets*.py", line 9, in server',
+        ]
+    )
+
+
+def test_default_deadline_covers_the_teardown_of_a_failed_test(pytester: pytest.Pytester) -> None:
+    # pytest-timeout cancels its timer at every failure (for pdb's post-mortem); the
+    # concur_timeout deadline covers setup, call and teardown whatever happened.
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        NEVER = threading.Event()
+
+        @pytest.fixture
+        def server():
+            yield
+            NEVER.wait()
+
+        @pytest.mark.backend("thread")
+        def test_fails(server):
+            assert False
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester, "--concur-timeout=0.3")
+    result.assert_outcomes(failed=1, errors=1, passed=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_fails*", "*concur_timeout = 0.3*"])
+
+
+# -- letting go ------------------------------------------------------------------------------
+
+
+def test_hang_error_landing_later_is_not_blamed_on_another_test(pytester: pytest.Pytester) -> None:
+    # A thread blocked in C code gets its HangError when it runs Python code again, here in
+    # the next test: the exception must not reach pytest's thread-exception warning there.
+    pytester.makepyfile(
+        """
+        import sys, threading, time
+        import pytest
+
+        GO_ON = threading.Event()  # made before the test: a wait HangError cannot end
+        # Python 3.11 under a tracer (coverage): no HangError is sent (see _hang).
+        SENT = sys.version_info[:2] != (3, 11) or sys.gettrace() is None
+
+        def worker():
+            GO_ON.wait()
+            while True:
+                time.sleep(0.01)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        @pytest.mark.concur_allow(threads=["worker"])
+        def test_hangs():
+            threading.Thread(target=worker, name="worker", daemon=True).start()
+            time.sleep(30)
+
+        def test_next():
+            GO_ON.set()
+            [thread] = [t for t in threading.enumerate() if t.name == "worker"]
+            thread.join(10)
+            assert not thread.is_alive() or not SENT  # HangError ended it
+        """
+    )
+    result = run(pytester, "-W", "error")
+    result.assert_outcomes(failed=1, passed=1)
+
+
+def test_async_body_waiting_in_select_is_let_go(pytester: pytest.Pytester) -> None:
+    # Under the thread backend an async body runs its loop in the body's thread; waiting in
+    # select() it runs no Python code for HangError to land in. Left running, the loop
+    # could not be closed by the teardown.
+    pytester.makepyfile(
+        """
+        import asyncio, socket
+        import pytest
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        async def test_reads():
+            left, right = socket.socketpair()
+            left.setblocking(False)
+            try:
+                await asyncio.get_running_loop().sock_recv(left, 1)  # nobody writes
+            finally:
+                left.close()
+                right.close()
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester, "-W", "error")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["*Timeout (>0.3s*", "  task * (test_reads) awaits *"])
+    assert "Cannot close a running event loop" not in result.stdout.str()
+
+
+def test_traced_session_survives_a_thread_stuck_in_c_code(pytester: pytest.Pytester) -> None:
+    # On Python 3.11 an exception sent to a thread blocked in C code made every traced
+    # thread spin for ever (coverage traces them all): the session hung at the deadline.
+    pytester.makeconftest(
+        """
+        import sys, threading
+
+        def tracer(frame, event, arg):
+            return None  # like a coverage tracer, present in every thread
+
+        sys.settrace(tracer)
+        threading.settrace(tracer)
+        """
+    )
+    pytester.makepyfile(STUCK_FOREVER.format(name="hangs", rest="time.sleep(30)"))
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--timeout=0.3", timeout=30)
+    result.assert_outcomes(failed=1, passed=1)
+
+
+def test_stuck_pool_worker_does_not_keep_the_session_alive(pytester: pytest.Pytester) -> None:
+    # concurrent.futures joins its pools' workers at exit, daemons included (the workers a
+    # body of the thread backend starts are daemons). Its exit callback may be registered
+    # after ours (on first use of a pool, after another test left a thread stuck): ours
+    # must still run first.
+    pytester.makepyfile(
+        """
+        import os, threading, time
+        import pytest
+
+        READ_END, WRITE_END = os.pipe()  # nobody ever writes
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.timeout(0.3)
+        def test_a_thread():
+            threading.Thread(target=os.read, args=(READ_END, 1), name="reader").start()
+            time.sleep(30)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        def test_b_pool():
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(1, thread_name_prefix="pool")
+            pool.submit(os.read, READ_END, 1).result()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=2)
+    result.stderr.fnmatch_lines(
+        ["pytest-concur: 2 thread(s) left by the tests are still blocked ('*', '*')*"]
+    )
+    assert "pool_0" in result.stderr.str()
+
+
+# -- debuggers -------------------------------------------------------------------------------
+
+
+def test_debugger_in_the_body_thread_holds_the_deadline(pytester: pytest.Pytester) -> None:
+    # breakpoint() in the body's thread: the person at the prompt takes longer than the
+    # deadline; the main thread, which the deadline interrupts, is not traced itself.
+    path = pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        def test_debugged():
+            x = 1
+            breakpoint()
+            assert x == 1
+
+        def test_next():
+            pass
+        """
+    )
+    result = pytester.run(
+        sys.executable,
+        "-m",
+        "pytest",
+        "-p",
+        "no:randomly",
+        str(path),
+        stdin=b"p __import__('time').sleep(0.8)\nc\n",
+        timeout=60,
+    )
+    result.assert_outcomes(passed=2)
+
+
+@pytest.mark.parametrize(
+    ("options", "outcomes"),
+    [
+        pytest.param((), {"passed": 1}, id="detected"),
+        pytest.param(("--timeout-disable-debugger-detection",), {"failed": 1}, id="disabled"),
+    ],
+)
+def test_pycharm_debugger_holds_the_deadline(
+    pytester: pytest.Pytester, options: tuple[str, ...], outcomes: dict[str, int]
+) -> None:
+    # PyCharm's debugger traces from a module of its _pydevd_bundle package; pytest-timeout's
+    # --timeout-disable-debugger-detection turns the detection off.
+    pytester.makepyfile(
+        **{
+            "_pydevd_bundle/__init__": "",
+            "_pydevd_bundle/pydevd_trace_dispatch": """
+                def trace_dispatch(frame, event, arg):
+                    return trace_dispatch
+            """,
+        }
+    )
+    pytester.makepyfile(
+        """
+        import sys, time
+        import pytest
+        from _pydevd_bundle.pydevd_trace_dispatch import trace_dispatch
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.timeout(0.3)
+        def test_stepped_through():
+            sys.settrace(trace_dispatch)
+            try:
+                time.sleep(0.8)  # a person looks at the variables
+            finally:
+                sys.settrace(None)
+        """
+    )
+    run(pytester, *options).assert_outcomes(**outcomes)
+
+
+# -- the report ------------------------------------------------------------------------------
+
+
+def test_process_backend_children_are_reported_under_forkserver(pytester: pytest.Pytester) -> None:
+    # A forkserver's children share its command line; they are the test's, not the harness.
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.backend("process", workers=2)
+        @pytest.mark.timeout(0.8)
+        def test_sleeps():
+            time.sleep(30)
+        """
+    )
+    result = run(pytester, "--concur-start-method=forkserver")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "Child processes:",
+            "  pid *: *multiprocessing.forkserver* [[]state *[]]",
+            "    Threads (most recent call last):",
+            "      Thread 'MainThread' (the test body):",
+            '          File "*test_process_backend_children*.py", line 7, in test_sleeps',
+            "  pid *: *multiprocessing.forkserver* [[]state *[]]",
+        ]
+    )
+    output = result.stdout.str()
+    assert "Captured stderr call" not in output  # not printed again after the report
+    # How the child was started is not where it stands.
+    assert os.path.join("multiprocessing", "forkserver.py") not in output
+
+
+def test_report_under_xdist_shows_no_harness_frames(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import time
+        import pytest
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        @pytest.mark.timeout(0.5)
+        def test_sleeps():
+            time.sleep(30)
+        """
+    )
+    result = run(pytester, "-n", "2")
+    result.assert_outcomes(failed=3)
+    output = result.stdout.str()
+    assert output.count("line 7, in test_sleeps") >= 3
+    for harness in ("execnet", f"xdist{os.sep}", '"<string>"', "not a threading.Thread"):
+        assert harness not in output
+
+
+def test_report_shows_alike_threads_once_and_long_stacks_in_part(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading, time, _thread
+        import pytest
+
+        HELD = threading.Event()  # made before the test: an untracked wait
+
+        def wait_here():
+            HELD.wait()
+
+        def ping(n):
+            return pong(n - 1) if n else HELD.wait()
+
+        def pong(n):
+            return ping(n - 1)
+
+        def spin():
+            while True:
+                time.sleep(0.01)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.5)
+        def test_many():
+            for i in range(60):
+                threading.Thread(target=wait_here, name=f"waiter-{i:02}", daemon=True).start()
+            threading.Thread(target=ping, args=(200,), name="deep", daemon=True).start()
+            _thread.start_new_thread(spin, ())
+            time.sleep(30)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  60 threads alike, 'waiter-00', 'waiter-01', 'waiter-02' and 57 more "
+            "(started by the test, daemon):",
+            '      File "*test_report_shows*.py", line 7, in wait_here',
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "  Thread 'deep' (started by the test, daemon):",
+            '      File "*test_report_shows*.py", line 10, in ping',
+            "      ... (* calls not shown) ...",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "  Thread <thread *> (not a threading.Thread: started by C code or _thread):",
+            '      File "*test_report_shows*.py", line 17, in spin',
+        ]
+    )
+    assert result.stdout.str().count("in wait_here") == 1
+    assert result.stdout.str().count("in pong") < 40
+
+
+def test_the_cleanup_a_deadline_waits_for_is_all_found() -> None:
+    # The deadline is put off while these run (see _timeout._CLEANUP): a renamed function
+    # would silently lose that protection.
+    import importlib
+
+    from pytest_concur import _timeout
+
+    for module_name in _timeout._CLEANUP:
+        importlib.import_module(module_name)
+    expected = sum(len(names) for names in _timeout._CLEANUP.values())
+    assert len(_timeout._cleanup_codes()) == expected
