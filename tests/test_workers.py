@@ -252,7 +252,11 @@ def test_a_plain_test_that_forgets_a_worker_errors_at_teardown(
         HELPERS
         + """
 def test_forgets(concur):
-    concur.start(add, 1, 2, name="sum")
+    import time
+
+    worker = concur.start(add, 1, 2, name="sum")
+    while not worker.done():  # done() does not count as joining
+        time.sleep(0.001)
 """
     )
     result = run(pytester)
