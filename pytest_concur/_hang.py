@@ -469,14 +469,23 @@ def _cmdline(pid: int) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-def _state(pid: int) -> str:
-    """The kernel's view: running, sleeping... and the kernel function it waits in."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state, parent...); None
+    when the process is gone or there is no ``/proc``."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
+            # The command name, in parentheses, may itself hold spaces and parentheses.
+            return f.read().rsplit(")", 1)[-1].split()
     except OSError:
+        return None
+
+
+def _state(pid: int) -> str:
+    """The kernel's view: running, sleeping... and the kernel function it waits in."""
+    fields = proc_stat(pid)
+    if not fields:
         return "state unknown"
-    state = stat.rsplit(")", 1)[-1].split()[0]
+    state = fields[0]
     words = {"R": "running", "S": "sleeping", "D": "disk wait", "Z": "zombie", "T": "stopped"}
     text = f"state {state} ({words.get(state, '?')})"
     with contextlib.suppress(OSError), open(f"/proc/{pid}/wchan") as f:
@@ -507,10 +516,10 @@ def _stack_file(pid: int) -> str | None:
 
 
 def _parent(pid: int) -> int | None:
+    fields = proc_stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[-1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return int(fields[1]) if fields else None
+    except (ValueError, IndexError):
         return None
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import os
 import signal
 import sys
 import threading
@@ -46,6 +45,7 @@ from typing import Any, final
 
 import pytest
 
+from pytest_concur import _locks
 from pytest_concur._state import BACKEND_NAME
 
 INI = "concur_timeout"
@@ -206,14 +206,13 @@ def _in_cleanup(frame: FrameType | None) -> bool:
         if (
             code.co_name in ("begin", "end")
             and caller is not None
-            and caller.f_code.co_filename.startswith(_PACKAGE)
+            and caller.f_code.co_filename.startswith(_locks._PACKAGE)
         ):
             return True
         frame = caller
     return False
 
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _CLEANUP = {
     "pytest_concur._locks": ("tracking.__enter__", "tracking.__exit__", "tracking._restore"),
     "pytest_concur._backends.base": ("_report",),

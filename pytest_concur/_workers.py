@@ -56,7 +56,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import inspect
-import os
 import pickle
 import sys
 import threading
@@ -70,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, final, overload
 
 import pytest
 
+from pytest_concur import _locks
 from pytest_concur._checks import _allow
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 from pytest_concur._locks import _real_allocate_lock as _real_lock
@@ -87,7 +87,6 @@ _T = TypeVar("_T")
 _RUNNING, _OK, _ERROR, _CANCELLED = "running", "ok", "error", "cancelled"
 # How long a process worker gets between SIGTERM and SIGKILL when it is cancelled.
 _TERMINATE_GRACE = 1.0
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 # The worker whose code is running (its thread's or task's context).
 _CURRENT: contextvars.ContextVar[Worker[Any] | None] = contextvars.ContextVar(
@@ -354,7 +353,7 @@ def _check_timeout(timeout: float | None) -> None:
 
 def _user_tb(tb: Any) -> Any:
     """The traceback from the first frame outside pytest-concur (the worker's own code)."""
-    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE):
+    while tb is not None and tb.tb_frame.f_code.co_filename.startswith(_locks._PACKAGE):
         tb = tb.tb_next
     return tb
 

@@ -389,11 +389,8 @@ def _end_orphans(pids: list[int]) -> None:
 
 def _exists(pid: int) -> bool:
     """Whether ``pid`` is still a live process (not ours to reap: it is another's child)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+    fields = _hang.proc_stat(pid)
+    return fields is not None and bool(fields) and fields[0] != "Z"
 
 
 def _fail_crashed(process: BaseProcess, nodeid: str) -> NoReturn:
