@@ -45,6 +45,8 @@ from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, final
 
+from pytest_concur import _hooks
+
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _real_allocate_lock = _thread.allocate_lock
 _real_rlock: Callable[[], Any] = _thread.RLock
@@ -634,7 +636,6 @@ TRACKER: Tracker | None = None
 _install_lock = _real_allocate_lock()
 _real_join = threading.Thread.join
 _real_signal = signal.signal
-_real_start = threading.Thread.start
 
 
 class _FactoryMeta(type):
@@ -736,17 +737,18 @@ def _tracked_signal(signalnum: int, handler: Any) -> Any:
     return _real_signal(signalnum, handler)
 
 
-def _tracked_start(self: threading.Thread) -> None:
+def _on_start(thread: threading.Thread) -> Callable[[], None] | None:
+    """Listens to ``Thread.start`` (see ``_hooks``) while tracking is on."""
     tracker = TRACKER
     if tracker is None:
-        _real_start(self)
-        return
-    tracker.started.append(self)
+        return None
+    tracker.started.append(thread)
     tracker.starting += 1  # not blocked, not yet alive: it will run
-    try:
-        _real_start(self)
-    finally:
+
+    def started() -> None:
         tracker.starting -= 1
+
+    return started
 
 
 _PATCHES: list[tuple[Any, str, Any]] = [
@@ -755,8 +757,6 @@ _PATCHES: list[tuple[Any, str, Any]] = [
     (threading, "_allocate_lock", _tracked_signal_lock),
     (_thread, "allocate_lock", _tracked_lock),
     (_thread, "RLock", _tracked_rlock),
-    (threading.Thread, "join", _tracked_join),
-    (threading.Thread, "start", _tracked_start),
     (signal, "signal", _tracked_signal),
 ]
 
@@ -768,6 +768,7 @@ class tracking:
     def __init__(self, passive_threads: frozenset[int] = frozenset()) -> None:
         self._passive = passive_threads
         self._saved: list[tuple[Any, str, Any]] = []
+        self._stop_listening: Callable[[], None] = _nothing
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
@@ -778,10 +779,14 @@ class tracking:
                 # tracking; the new body takes over.
                 _ACTIVE._restore()
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
+            # Module attributes are swapped for the block; the two methods of Thread are
+            # hooked once for the session and act only while TRACKER is set (see _hooks).
             patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
             self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
             for owner, name, replacement in patches:
                 setattr(owner, name, replacement)
+            _hooks.replace(threading.Thread, "join", lambda original: _tracked_join)
+            self._stop_listening = _hooks.listen(_hooks.THREAD_START, _on_start)
             _ACTIVE = self
         return tracker
 
@@ -795,11 +800,16 @@ class tracking:
         for owner, name, original in self._saved:
             setattr(owner, name, original)
         self._saved = []
+        self._stop_listening()
         TRACKER = None
         _ACTIVE = None
 
 
 _ACTIVE: tracking | None = None
+
+
+def _nothing() -> None:
+    pass
 
 
 def started_threads(tracker: Tracker) -> Iterator[threading.Thread]:

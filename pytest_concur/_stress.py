@@ -57,7 +57,7 @@ import pluggy
 import pytest
 
 import pytest_concur
-from pytest_concur import _locks
+from pytest_concur import _hooks, _locks
 from pytest_concur._backends.base import check_result
 from pytest_concur._locks import DeadlockError
 
@@ -380,7 +380,7 @@ def run_threads(call: BodyCall) -> None:
 
     for watch in call.watches:
         watch.begin()
-    # Over the watches' own Thread.start; it notes until they ended (see _Starts).
+    # Notes who started what until the watches ended (see _Starts).
     starts = _Starts()
     name = threading.current_thread().name
     threads = [
@@ -580,26 +580,18 @@ def _end_watches(watches: Sequence[Watch], failed: bool) -> list[str]:
 class _Starts:
     """Which copy started each thread started while the copies run.
 
-    ``Thread.start`` is wrapped from creation to :meth:`close`: a thread started where the
-    copy index is set (a copy's thread or task), or by a thread noted before, is noted with
-    that copy's index. Made after the watches began, it is closed only after they ended:
-    a thread a copy started may start another after the last copy returned, while the
-    threads check waits for stragglers. Ending, the deadlock check puts the real start
-    back (we only pass through from then on). Our state is only touched under our own lock.
+    ``Thread.start`` is listened to from creation to :meth:`close`: a thread started where
+    the copy index is set (a copy's thread or task), or by a thread noted before, is noted
+    with that copy's index. Made after the watches began, it is closed only after they
+    ended: a thread a copy started may start another after the last copy returned, while
+    the threads check waits for stragglers. Our state is only touched under our own lock.
     """
 
     def __init__(self) -> None:
         self._lock = _locks._real_allocate_lock()  # never a tracked lock: our bookkeeping
         self._active = True
         self._copy_of: dict[threading.Thread, int] = {}
-        self._original = original = threading.Thread.start
-
-        def start(thread: threading.Thread) -> None:
-            self._note(thread)
-            original(thread)
-
-        self._start = start
-        threading.Thread.start = start  # type: ignore[method-assign, assignment]
+        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._note)
 
     def _note(self, thread: threading.Thread) -> None:
         index = _COPY_INDEX.get(None)
@@ -616,8 +608,7 @@ class _Starts:
         """Stop noting; if someone wrapped ``Thread.start`` over us, ours just passes through."""
         with self._lock:
             self._active = False
-        if threading.Thread.start is self._start:
-            threading.Thread.start = self._original  # type: ignore[method-assign]
+        self._stop_listening()
 
     def owners(self, report: str) -> list[int]:
         """The copies that started a thread that is still running and that ``report`` names."""

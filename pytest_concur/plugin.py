@@ -187,6 +187,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_fixture_checks, "concur-fixture-checks")
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The checks hook a few library methods once, for the session: put them back (see
+    # _hooks), so that a process that goes on (pytester's inline runs) has them as it had.
+    hooks = sys.modules.get("pytest_concur._hooks")
+    if hooks is not None:
+        hooks.uninstall()
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     registry = _registry.collect(config)

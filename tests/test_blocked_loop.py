@@ -445,11 +445,13 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
         import pytest
 
         RUN = asyncio.events.Handle._run
-        INIT = asyncio.base_events.BaseEventLoop.__init__
 
         @pytest.mark.backend("asyncio")
         async def test_blocks():
+            from pytest_concur._checks import blocked_loop
+
             assert asyncio.events.Handle._run is not RUN
+            assert blocked_loop._TIMINGS
             time.sleep(0.2)
 
         @pytest.mark.backend("asyncio")
@@ -458,8 +460,12 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
             raise ValueError("boom")
 
         def test_after():
-            assert asyncio.events.Handle._run is RUN
-            assert asyncio.base_events.BaseEventLoop.__init__ is INIT
+            # Hooked once for the session, switched off after each body (see _hooks).
+            from pytest_concur import _hooks
+            from pytest_concur._checks import blocked_loop
+
+            assert blocked_loop._TIMINGS == ()
+            assert _hooks.listening() == []
         """
     )
     result = pytester.runpytest("-p", "no:randomly")

@@ -409,7 +409,7 @@ def test_locks_are_plain_again_after_the_body(pytester: pytest.Pytester) -> None
         import threading, _thread
         import pytest
 
-        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.join)
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock)
 
         @pytest.mark.backend("thread", "asyncio")
         def test_tracked():
@@ -421,8 +421,12 @@ def test_locks_are_plain_again_after_the_body(pytester: pytest.Pytester) -> None
             raise ValueError
 
         def test_restored():
-            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.join)
+            from pytest_concur import _locks
+
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
+            # Thread.join stays hooked for the session (see _hooks), tracking nothing.
+            assert _locks.TRACKER is None
         """
     )
     pytester.runpytest().assert_outcomes(passed=3, failed=1)
@@ -564,7 +568,7 @@ def test_a_timed_out_body_leaves_nothing_installed(pytester: pytest.Pytester) ->
         import threading, time, _thread
         import pytest
 
-        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock)
 
         @pytest.mark.backend("thread")
         @pytest.mark.timeout(0.5, method="signal")
@@ -578,8 +582,11 @@ def test_a_timed_out_body_leaves_nothing_installed(pytester: pytest.Pytester) ->
                 pass
 
         def test_restored():
-            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+            from pytest_concur import _hooks
+
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
+            assert _hooks.listening() == []
         """
     )
     run(pytester).assert_outcomes(failed=1, passed=2)

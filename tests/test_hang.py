@@ -362,15 +362,18 @@ def test_a_hung_body_leaves_nothing_installed(pytester: pytest.Pytester) -> None
         import signal, threading, time, _thread
         import pytest
 
-        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock)
 
         @pytest.mark.backend("thread", "asyncio")
         def test_times_out():
             time.sleep(30)
 
         def test_restored():
-            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+            from pytest_concur import _hooks
+
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
+            assert _hooks.listening() == []
             assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
             assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
         """
@@ -390,7 +393,7 @@ def test_deadline_during_the_checks_puts_everything_back(pytester: pytest.Pytest
         import threading, time, _thread
         import pytest
 
-        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock)
 
         @pytest.mark.backend("asyncio")
         @pytest.mark.timeout(0.3)
@@ -400,8 +403,11 @@ def test_deadline_during_the_checks_puts_everything_back(pytester: pytest.Pytest
         def test_restored():
             from pytest_concur import _locks
 
-            now = (threading.Lock, threading.RLock, _thread.allocate_lock, threading.Thread.start)
+            from pytest_concur import _hooks
+
+            now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
+            assert _hooks.listening() == []
             assert _locks.TRACKER is None
         """
     )

@@ -35,6 +35,7 @@ DEFAULT_GRACE = 1.0
 
 _INI_CACHE = pytest.StashKey["Allow"]()
 _ITEM_CACHE = pytest.StashKey["Allow"]()
+_MARKS_CACHE = pytest.StashKey[dict[str, tuple[pytest.Mark, ...]]]()
 
 
 @final
@@ -112,10 +113,29 @@ def for_item(item: pytest.Item | pytest.Collector) -> Allow:
     if cached is not None:
         return cached
     allow = from_ini(item.config)
-    for mark in item.iter_markers(MARKER):
+    for mark in marks(item, MARKER):
         allow = allow.merged(_parse(mark, item.name))
     item.stash[_ITEM_CACHE] = allow
     return allow
+
+
+def marks(node: pytest.Item | pytest.Collector, name: str) -> tuple[pytest.Mark, ...]:
+    """``node.iter_markers(name)``, closest first; what its parents have is cached on them.
+
+    Asked before each body: walking the whole chain of nodes each time costs more than
+    the checks' own work on a test that starts nothing.
+    """
+    own = tuple(mark for mark in node.own_markers if mark.name == name)
+    parent = node.parent
+    if parent is None:
+        return own
+    cache = parent.stash.get(_MARKS_CACHE, None)
+    if cache is None:
+        cache = parent.stash[_MARKS_CACHE] = {}
+    inherited = cache.get(name)
+    if inherited is None:
+        inherited = cache[name] = marks(parent, name)
+    return own + inherited
 
 
 def _parse(mark: pytest.Mark, where: str) -> Allow:

@@ -6,16 +6,17 @@ on its loop can: no other task, no timer, no I/O. A step longer than the thresho
 naming the task and coroutine and the lines the step ran between, or the callback and
 where it is defined.
 
-Design. From ``begin`` to ``end`` (restored in ``end`` whatever happens):
+Design. From ``begin`` to ``end`` (switched off in ``end`` whatever happens):
 
 - ``asyncio.events.Handle._run``, which every loop calls for each ready callback (a task's
-  step is one: ``Task.__step`` or ``__wakeup`` bound to the task), is wrapped. The wrapper
-  times only handles of the loops this watch follows; for any other loop (a fixture's
-  server loop in another thread, say) it costs one dict lookup. Debug mode is not used:
-  it changes how asyncio behaves and costs far more.
+  step is one: ``Task.__step`` or ``__wakeup`` bound to the task), is wrapped, once per
+  session (``pytest_concur._hooks``). The wrapper times only handles of the loops a
+  running watch follows; with no watch it costs one global read, for any other loop (a
+  fixture's server loop in another thread, say) one dict lookup more. Debug mode is not
+  used: it changes how asyncio behaves and costs far more.
 - The loops followed: the loop running where the body starts (the item's loop for an
   ``async def`` body, and under the ``asyncio`` backend), and every loop created while the
-  body runs (``BaseEventLoop.__init__`` is wrapped, as the tasks check does), so
+  body runs (``BaseEventLoop.__init__`` is listened to, as the tasks check does), so
   ``asyncio.run`` inside a sync body is covered under every backend.
 - Before a task's step, each frame of its await chain is noted with its ``f_lasti``
   (where it stands); only for a step over the threshold are lines worked out and a
@@ -43,11 +44,13 @@ import math
 import threading
 import time
 from collections.abc import Callable
+from inspect import iscoroutinefunction
 from types import CodeType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
+from pytest_concur import _hooks
 from pytest_concur._checks import _allow
 from pytest_concur._checks._where import _is_library, callable_name, plural, short_path
 
@@ -84,9 +87,10 @@ def from_ini(config: pytest.Config) -> float:
 
 def for_item(item: pytest.Item, default: float) -> float:
     """The threshold for ``item``: its closest marker, else ``default``; a bad marker fails it."""
-    mark = item.get_closest_marker(MARKER)
-    if mark is None:
+    found = _allow.marks(item, MARKER)
+    if not found:
         return default
+    mark = found[0]
     given: list[object] = [*mark.args, *mark.kwargs.values()]
     seconds = None
     if len(given) == 1 and set(mark.kwargs) <= {"seconds"}:
@@ -131,13 +135,11 @@ class BlockedLoopCheck:
         threshold = for_item(item, self._default)
         if threshold == 0:
             return None
-        import inspect
-
         function = getattr(item, "obj", None)
         code = getattr(function, "__code__", None)
         return BlockedLoopWatch(
             threshold=threshold,
-            body_is_async=inspect.iscoroutinefunction(function),
+            body_is_async=iscoroutinefunction(function),
             body_name=callable_name(function),
             body_file=code.co_filename if code is not None else "",
             body_line=code.co_firstlineno if code is not None else 0,
@@ -206,7 +208,6 @@ class _Timing:
 
     def __init__(self, watch: BlockedLoopWatch) -> None:
         import asyncio
-        import asyncio.base_events
         import asyncio.events
 
         self._watch = watch
@@ -227,70 +228,38 @@ class _Timing:
                 # body's first await, and that sleep would be counted as part of the step.
                 loop.call_soon(_nothing)
 
-        handle_type = asyncio.events.Handle
-        original_run = handle_type._run
-        # Bound once: the wrapper runs for every callback of every loop during the body.
-        timing, threshold, task_type, judge, clock = (
-            self,
-            watch.threshold,
-            asyncio.Task,
-            self._judge,
-            _clock,
-        )
+        self._threshold = watch.threshold
+        self._task_type = asyncio.Task
+        _hooks.replace(asyncio.events.Handle, "_run", _timed_run)
+        self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._follow))
+        _start_timing(self)
 
-        def run(handle: asyncio.Handle) -> None:
-            __tracebackhide__ = True  # the plugin's frames are not the user's
-            state = timing._loops.get(handle._loop)  # type: ignore[attr-defined]
-            if state is None:
-                original_run(handle)
-                return
-            # A task's step is a callback bound to the task (Task.__step or __wakeup).
-            owner = getattr(handle._callback, "__self__", None)  # type: ignore[attr-defined]
-            if isinstance(owner, task_type):
-                task: asyncio.Task[Any] | None = owner
-                before = _chain(owner.get_coro())
-            else:
-                task, before = None, _NO_CHAIN
-            start = clock()
-            first = state.first
-            if first is not None:  # the body's first step ended before this handle began
-                state.first = None
-                judge(None, first[0], None, start - first[1])
-            previous = state.current
-            state.current = (task, before, start)
-            try:
-                original_run(handle)
-            finally:
-                state.current = previous
-                elapsed = clock() - start
-                if elapsed > threshold:
-                    judge(handle, task, before, elapsed)
+    def time(self, handle: asyncio.Handle, state: _LoopState, run: Callable[[Any], None]) -> None:
+        """Run one handle of a followed loop, and judge it if it held the loop too long."""
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        # A task's step is a callback bound to the task (Task.__step or __wakeup).
+        owner = getattr(handle._callback, "__self__", None)  # type: ignore[attr-defined]
+        if isinstance(owner, self._task_type):
+            task: asyncio.Task[Any] | None = owner
+            before = _chain(owner.get_coro())
+        else:
+            task, before = None, _NO_CHAIN
+        start = _clock()
+        first = state.first
+        if first is not None:  # the body's first step ended before this handle began
+            state.first = None
+            self._judge(None, first[0], None, start - first[1])
+        previous = state.current
+        state.current = (task, before, start)
+        try:
+            run(handle)
+        finally:
+            state.current = previous
+            elapsed = _clock() - start
+            if elapsed > self._threshold:
+                self._judge(handle, task, before, elapsed)
 
-        handle_type._run = run  # type: ignore[method-assign, assignment]
-
-        def restore_run() -> None:
-            if handle_type._run is run:
-                handle_type._run = original_run  # type: ignore[method-assign]
-
-        self._restore.append(restore_run)
-
-        base = asyncio.base_events.BaseEventLoop
-        original_init = base.__init__
-        follow = self._follow
-
-        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(loop, *args, **kwargs)
-            follow(loop)
-
-        base.__init__ = init  # type: ignore[method-assign, assignment]
-
-        def restore_init() -> None:
-            if base.__init__ is init:
-                base.__init__ = original_init  # type: ignore[method-assign]
-
-        self._restore.append(restore_init)
-
-    def _follow(self, loop: Any) -> None:
+    def _follow(self, loop: Any, result: None = None) -> None:
         with self._lock:
             if self._active:
                 # Copied, not changed in place: the wrapper reads it without the lock.
@@ -382,11 +351,49 @@ class _Timing:
             offenders = sorted(self._offenders.values(), key=lambda o: -o.longest)
             self._offenders = {}
         self._body_task = None
-        for restore in reversed(self._restore):
+        _stop_timing(self)
+        restores, self._restore = self._restore, []  # they hold us: no cycle left behind
+        for restore in reversed(restores):
             restore()
         if not offenders:
             return None
         return _report(offenders, self._watch.threshold)
+
+
+# The timings of the watches that run now (one, but for a body abandoned at its deadline):
+# replaced under the lock, read without it by the wrapper of Handle._run.
+_timings_lock = _real_lock()
+_TIMINGS: tuple[_Timing, ...] = ()
+
+
+def _start_timing(timing: _Timing) -> None:
+    global _TIMINGS
+    with _timings_lock:
+        _TIMINGS = (timing, *_TIMINGS)
+
+
+def _stop_timing(timing: _Timing) -> None:
+    global _TIMINGS
+    with _timings_lock:
+        _TIMINGS = tuple(t for t in _TIMINGS if t is not timing)
+
+
+def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
+    """``Handle._run``, timed for the loops a watch follows (installed once, see _hooks)."""
+
+    def _run(handle: Any) -> None:
+        __tracebackhide__ = True  # the plugin's frames are not the user's
+        timings = _TIMINGS
+        if timings:
+            loop = handle._loop
+            for timing in timings:
+                state = timing._loops.get(loop)
+                if state is not None:
+                    timing.time(handle, state, original)
+                    return
+        original(handle)
+
+    return _run
 
 
 def _nothing() -> None:

@@ -1,7 +1,8 @@
 """The ``processes`` check: child processes and process pools the body leaves behind.
 
-Design. From ``begin`` to ``end`` (where the body runs), and restored in ``end`` whatever
-happens, these are wrapped to record what the body starts and where:
+Design. From ``begin`` to ``end`` (where the body runs), and stopped in ``end`` whatever
+happens, these are listened to (``pytest_concur._hooks``) to record what the body starts
+and where:
 
 - ``multiprocessing.process.BaseProcess.start``: each process, with its target wrapped so
   that an exception in the child leaves its formatted traceback in a file the parent reads
@@ -32,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
+from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 
@@ -71,6 +73,8 @@ class ProcessesWatch(LeakWatch):
         with state.lock:
             children = list(state.children)
             pools = list(state.pools)
+        if not children and not pools:
+            return None  # the common case: the body started nothing
         problems: list[str] = []
         open_pools = [
             (pool, site)
@@ -243,11 +247,6 @@ class _Recording:
     """
 
     def __init__(self, acting: Callable[[], bool] | None = None) -> None:
-        import concurrent.futures.process
-        import multiprocessing.pool
-        import multiprocessing.process
-        import subprocess
-
         self.lock = _real_lock()
         self.active = True
         self._acting = acting
@@ -256,65 +255,34 @@ class _Recording:
         # ids of the processes whose exitcode the test read.
         self.checked: set[int] = set()
         self._watched: set[int] = set()
-        self._restore: list[Callable[[], None]] = []
+        self._stop = _hooks.listen_many(
+            (
+                (_hooks.PROCESS_START, self._on_start),
+                (_hooks.PROCESS_EXITCODE, self._on_exitcode),
+                (_hooks.POPEN_INIT, self._on_popen),
+                (_hooks.POOL_INIT, self._on_pool),
+                (_hooks.PROCESS_POOL_INIT, self._on_pool),
+            )
+        )
 
-        base = multiprocessing.process.BaseProcess
-        original_start = base.start
+    def _on_start(self, process: BaseProcess) -> None:
+        if self._is_active():
+            self._record_process(process)
 
-        def start(process: BaseProcess) -> None:
-            if self._is_active():
-                self._record_process(process)
-            original_start(process)
+    def _on_exitcode(self, process: BaseProcess, code: int) -> None:
+        with self.lock:
+            if self.active and id(process) in self._watched:
+                self.checked.add(id(process))
 
-        self._patch(base, "start", start)
+    def _on_popen(self, popen: subprocess.Popen[Any], result: None) -> None:
+        if self._is_active():
+            self._record_popen(popen)
 
-        exitcode = base.__dict__["exitcode"]
-
-        def read_exitcode(process: BaseProcess) -> int | None:
-            code: int | None = exitcode.fget(process)
-            if code is not None:
-                with self.lock:
-                    if self.active and id(process) in self._watched:
-                        self.checked.add(id(process))
-            return code
-
-        self._patch(base, "exitcode", property(read_exitcode))
-
-        popen_class = subprocess.Popen
-        original_popen_init = popen_class.__init__
-
-        def popen_init(popen: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
-            original_popen_init(popen, *args, **kwargs)
-            if self._is_active():
-                self._record_popen(popen)
-
-        self._patch(popen_class, "__init__", popen_init)
-
-        for pool_class in (
-            multiprocessing.pool.Pool,
-            concurrent.futures.process.ProcessPoolExecutor,
-        ):
-            self._patch(pool_class, "__init__", self._pool_init(pool_class.__init__))
-
-    def _patch(self, owner: type, name: str, replacement: Any) -> None:
-        original = owner.__dict__[name]
-        setattr(owner, name, replacement)
-
-        def restore() -> None:
-            if owner.__dict__.get(name) is replacement:
-                setattr(owner, name, original)
-
-        self._restore.append(restore)
-
-    def _pool_init(self, original: Callable[..., None]) -> Callable[..., None]:
-        def init(pool: Any, *args: Any, **kwargs: Any) -> None:
-            original(pool, *args, **kwargs)
-            if self._is_active():
-                site = here()
-                with self.lock:
-                    self.pools.append((pool, site))
-
-        return init
+    def _on_pool(self, pool: Any, result: None) -> None:
+        if self._is_active():
+            site = here()
+            with self.lock:
+                self.pools.append((pool, site))
 
     def _is_active(self) -> bool:
         with self.lock:
@@ -330,11 +298,14 @@ class _Recording:
 
     def _record_process(self, process: BaseProcess) -> None:
         target = getattr(process, "_target", None)
+        path: str | None = None
+        traced = target
+        if isinstance(traced, _Traced):  # another recording's (expect_clean in a body)
+            target, path = traced.target, traced.path
         module = getattr(target, "__module__", None) or ""
         pool_worker = module.startswith(_POOL_WORKER_MODULES)
         name = callable_name(target) if target is not None else f"{type(process).__name__}.run"
-        path = None
-        if target is not None and not pool_worker:
+        if path is None and target is not None and not pool_worker:
             path = os.path.join(
                 tempfile.gettempdir(), f"concur-{os.getpid()}-{os.urandom(6).hex()}.traceback"
             )
@@ -359,11 +330,10 @@ class _Recording:
             self._watched.add(id(popen))
 
     def close(self) -> None:
-        """Restore every hook; one that someone wrapped after us just passes through."""
+        """Stop listening (once, always)."""
         with self.lock:
             self.active = False
-        for restore in reversed(self._restore):
-            restore()
+        self._stop()
 
 
 def _exitcode(process: BaseProcess) -> int | None:

@@ -2,13 +2,13 @@
 
 Design. ``begin`` and ``end`` run where the body runs: inside the event loop for an async
 body and for every body under the ``asyncio`` backend, in a plain thread otherwise. From
-``begin`` to ``end``, and restored in ``end`` whatever happens:
+``begin`` to ``end``, and taken off in ``end`` whatever happens:
 
 - the running loop, if any, gets a task factory that records each task created on it (and
   where), chaining to the factory it had;
-- ``asyncio.BaseEventLoop.__init__`` is wrapped to record each loop the body creates, which
-  gets the same recording task factory (so tasks of ``asyncio.run`` inside a sync body are
-  seen too);
+- ``asyncio.BaseEventLoop.__init__`` is listened to (``pytest_concur._hooks``) to record
+  each loop the body creates, which gets the same recording task factory (so tasks of
+  ``asyncio.run`` inside a sync body are seen too);
 - ``warnings._warn_unawaited_coroutine``, which CPython calls when a coroutine that never
   ran is destroyed, records it instead of warning (the warning would otherwise surface in
   whichever test happens to be running, or be lost); coroutine origin tracking is turned
@@ -35,6 +35,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
+from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, from_origin, here, plural, settle
 
@@ -77,6 +78,8 @@ class TasksWatch(LeakWatch):
             tasks = list(state.tasks)
             coroutines = list(state.coroutines)
             loops = list(state.loops)
+        if not tasks and not coroutines and not loops:
+            return None  # the common case: the body started nothing
         # A concur worker's tasks, and those of the loop a worker runs on, are the worker's.
         tasks = [(t, site) for t, site in tasks if not _claimed(t) and not _claimed(t.get_loop())]
         loops = [(ref, site) for ref, site in loops if not _claimed(ref())]
@@ -137,7 +140,6 @@ class _Recording:
 
     def __init__(self) -> None:
         import asyncio
-        import asyncio.base_events
 
         self.lock = _real_lock()
         self.active = True
@@ -161,21 +163,7 @@ class _Recording:
 
             self._restore.append(restore_factory)
 
-        base = asyncio.base_events.BaseEventLoop
-        original_init = base.__init__
-        record_loop = self._record_loop
-
-        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(loop, *args, **kwargs)
-            record_loop(loop)
-
-        base.__init__ = init  # type: ignore[method-assign, assignment]
-
-        def restore_init() -> None:
-            if base.__init__ is init:
-                base.__init__ = original_init  # type: ignore[method-assign]
-
-        self._restore.append(restore_init)
+        self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._record_loop))
 
         original_warn = getattr(warnings, _UNAWAITED_HOOK, None)
         if original_warn is not None:
@@ -222,7 +210,7 @@ class _Recording:
 
         return factory
 
-    def _record_loop(self, loop: Any) -> None:
+    def _record_loop(self, loop: Any, result: None = None) -> None:
         with self.lock:
             if not self.active:
                 return
@@ -235,7 +223,10 @@ class _Recording:
         """Restore every hook; one that someone wrapped after us just passes through."""
         with self.lock:
             self.active = False
-        for restore in reversed(self._restore):
+        # Dropped once run: they hold the loop and closures that hold us, a cycle that
+        # would keep the loop for the garbage collector to find, a test later.
+        restores, self._restore = self._restore, []
+        for restore in reversed(restores):
             restore()
 
 
@@ -296,53 +287,48 @@ class _OwnerRecording(_Recording):
 
     A fixture is set up and torn down outside any running loop, and its async code runs on
     loops that exist before it or that it makes (pytest-concur's own, pytest-asyncio's):
-    instead of a task factory on one loop, ``BaseEventLoop.create_task`` is wrapped, and
+    instead of a task factory on one loop, ``BaseEventLoop.create_task`` is listened to, and
     ``BaseEventLoop.__init__`` records the loops it creates, except pytest-concur's own,
     which their runner closes. Both stay until ``close`` (the fixture's teardown); only
     what acting threads do is recorded. Unawaited coroutines are the body check's concern.
     """
 
     def __init__(self, acting: Callable[[], bool]) -> None:  # not the body's hooks
-        import asyncio.base_events
-
-        from pytest_concur._loopwatch import WatchedLoop
-
         self.lock = _real_lock()
         self.active = True
         self.tasks = []
         self.coroutines = []
         self.loops = []
-        self._restore = []
-        base = asyncio.base_events.BaseEventLoop
-        original_create = base.__dict__["create_task"]
-        original_init = base.__dict__["__init__"]
+        self._acting = acting
+        self._restore = [
+            _hooks.listen_many(
+                (
+                    (_hooks.LOOP_CREATE_TASK, self._on_create_task),
+                    (_hooks.LOOP_INIT, self._on_loop),
+                )
+            )
+        ]
 
-        def recording() -> bool:
+    def _recording(self) -> bool:
+        with self.lock:
+            active = self.active
+        return active and self._acting()
+
+    def _on_create_task(self, loop: Any, task: Any) -> None:
+        import asyncio
+
+        if isinstance(task, asyncio.Task) and self._recording():
+            site = here()
             with self.lock:
-                active = self.active
-            return active and acting()
+                self.tasks.append((task, site))
 
-        def create_task(loop: Any, coro: Any, **kwargs: Any) -> Any:
-            task = original_create(loop, coro, **kwargs)
-            if isinstance(task, asyncio.Task) and recording():
-                site = here()
-                with self.lock:
-                    self.tasks.append((task, site))
-            return task
+    def _on_loop(self, loop: Any, result: None) -> None:
+        from pytest_concur._loopwatch import WatchedLoop
 
-        def init(loop: Any, *args: Any, **kwargs: Any) -> None:
-            original_init(loop, *args, **kwargs)
-            if not isinstance(loop, WatchedLoop) and not _made_by_runner() and recording():
-                site = here()
-                with self.lock:
-                    self.loops.append((weakref.ref(loop), site))
-
-        for name, replacement, original in (
-            ("create_task", create_task, original_create),
-            ("__init__", init, original_init),
-        ):
-            setattr(base, name, replacement)
-            self._restore.append(_restorer(base, name, replacement, original))
+        if not isinstance(loop, WatchedLoop) and not _made_by_runner() and self._recording():
+            site = here()
+            with self.lock:
+                self.loops.append((weakref.ref(loop), site))
 
 
 def _made_by_runner() -> bool:
@@ -353,7 +339,7 @@ def _made_by_runner() -> bool:
     with it, not the fixture's that happened to run first.
     """
     frame: FrameType | None = sys._getframe(2)
-    for _ in range(8):  # BaseEventLoop.__init__ is a few calls below Runner._lazy_init
+    for _ in range(10):  # BaseEventLoop.__init__ is a few calls below Runner._lazy_init
         if frame is None:
             return False
         code = frame.f_code
@@ -361,14 +347,6 @@ def _made_by_runner() -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def _restorer(owner: type, name: str, replacement: object, original: object) -> Callable[[], None]:
-    def restore() -> None:
-        if owner.__dict__.get(name) is replacement:
-            setattr(owner, name, original)
-
-    return restore
 
 
 def record_for(acting: Callable[[], bool]) -> Recording:

@@ -2,15 +2,17 @@
 exceptions are seen.
 
 Design. From ``begin`` to ``end`` (where the body runs: the backend's thread, the event
-loop's thread, the child process) two process-wide hooks are in place, both restored in
+loop's thread, the child process) two process-wide hooks are in place, both taken off in
 ``end`` whatever happens:
 
-- ``threading.Thread.start`` is wrapped to record each thread started by the body's thread
-  or, transitively, by a thread the body started, with the user's frames of the start call.
-  Threads that were running before ``begin`` (fixtures', the harness's) and threads started
-  by them are never recorded, so they are never reported.
-- ``threading.excepthook`` records the exceptions of recorded threads, formatted where they
-  happen, and hands every other thread's exception to the hook that was there before.
+- ``threading.Thread.start`` is listened to (``pytest_concur._hooks``) to record each
+  thread started by the body's thread or, transitively, by a thread the body started,
+  with the user's frames of the start call. Threads that were running before ``begin``
+  (fixtures', the harness's) and threads started by them are never recorded, so they are
+  never reported.
+- ``threading.excepthook`` (replaced when the first thread is recorded) records the
+  exceptions of recorded threads, formatted where they happen, and hands every other
+  thread's exception to the hook that was there before.
 
 At ``end``, recorded threads still alive are given the grace period (``concur_leak_grace``)
 to finish; those still running then are reported. Python cannot stop a thread, so they are
@@ -32,6 +34,7 @@ from typing import Any, final
 
 import pytest
 
+from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 from pytest_concur._state import backend_of
@@ -71,6 +74,9 @@ class ThreadsWatch(LeakWatch):
 
     def verdict(self, state: Recording) -> str | None:
         assert isinstance(state, _Recording)
+        with state.lock:
+            if not state.started and not state.errors:
+                return None  # the common case: the body started nothing
         ignored = _loop_executor()
         loop_pools = self.loop_pools_are_loops
         leaked, pools = _running(state, ignored, loop_pools)
@@ -155,33 +161,14 @@ class _Recording:
         self.family: set[threading.Thread] = {threading.current_thread()}
         self.started: dict[threading.Thread, _Started] = {}
         self.errors: list[tuple[str, Site, str]] = []
-        self._original_start = original_start = threading.Thread.start
-        self._previous_hook = previous_hook = threading.excepthook
+        # Installed with the first thread recorded: most bodies start none.
+        self._hook: Any = None
+        self._previous_hook: Any = None
+        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._on_start)
 
-        def start(thread: threading.Thread) -> None:
-            if self.active:
-                self._record(thread)
-            _feed_lineages(thread)  # the deadlock check's start calls the real one
-            original_start(thread)
-
-        def excepthook(args: threading.ExceptHookArgs) -> None:
-            with self.lock:
-                started = self.started.get(args.thread) if args.thread is not None else None
-                active = self.active
-            if started is None or not active or _is_deadlock_error(args.exc_value):
-                previous_hook(args)
-                return
-            text = "".join(
-                traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
-            )
-            name = args.thread.name if args.thread is not None else "?"
-            with self.lock:
-                self.errors.append((name, started.site, text))
-
-        self._start = start
-        self._hook = excepthook
-        threading.Thread.start = start  # type: ignore[method-assign, assignment]
-        threading.excepthook = excepthook
+    def _on_start(self, thread: threading.Thread) -> None:
+        if self.active:
+            self._record(thread)
 
     def _record(self, thread: threading.Thread) -> None:
         with self.lock:
@@ -189,53 +176,77 @@ class _Recording:
                 return
         target = getattr(thread, "_target", None)
         name = callable_name(target) if target is not None else f"{type(thread).__qualname__}.run"
-        started = _Started(name, here(sys._getframe(2)))
+        started = _Started(name, here())
         with self.lock:
             self.family.add(thread)
             self.started[thread] = started
+            first = self._hook is None
+            if first:
+                self._hook = self._excepthook
+        if first and self.catches_exceptions:
+            self._previous_hook = threading.excepthook
+            threading.excepthook = self._hook
+
+    # A fixture's lineage leaves its threads' exceptions to pytest.
+    catches_exceptions = True
+
+    def _excepthook(self, args: threading.ExceptHookArgs) -> None:
+        with self.lock:
+            started = self.started.get(args.thread) if args.thread is not None else None
+            active = self.active
+        if started is None or not active or _is_deadlock_error(args.exc_value):
+            self._previous_hook(args)
+            return
+        text = "".join(
+            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
+        )
+        name = args.thread.name if args.thread is not None else "?"
+        with self.lock:
+            self.errors.append((name, started.site, text))
 
     def threads(self) -> list[tuple[threading.Thread, _Started]]:
         with self.lock:
             return list(self.started.items())
 
     def close(self) -> None:
-        """Restore the hooks; if someone wrapped them after us, ours just pass through."""
+        """Stop listening; the excepthook goes back unless someone replaced ours since."""
         with self.lock:
             self.active = False
-        if threading.Thread.start is self._start:
-            threading.Thread.start = self._original_start  # type: ignore[method-assign]
-        if threading.excepthook is self._hook:
+        self._stop_listening()
+        if self._hook is not None and threading.excepthook is self._hook:
             threading.excepthook = self._previous_hook
+            self._hook = self._previous_hook = None  # the bound method would hold us
 
 
 # -- lineages: the threads that act for a fixture, followed for as long as it lives --------
 #
 # A fixture's recording lives from its setup to its teardown, across the tests that use it,
-# while bodies come and go with recordings of their own. It installs no hooks itself: every
-# Thread.start is fed to the live lineages, by one wrapper of this module while any
-# lineage lives and by the body's wrapper while a body runs (the deadlock check puts a
-# start of its own under the body's, which calls the real one). A thread joins a lineage
-# when a member starts it; the thread that sets the fixture up is a member only while the
-# fixture's own code runs (``enter`` / ``leave``). Exceptions of a fixture's threads stay
-# pytest's to report, as before.
+# while bodies come and go with recordings of their own. It listens to Thread.start like a
+# body's recording, but installs no excepthook: exceptions of a fixture's threads stay
+# pytest's to report, as before. A thread joins a lineage when a member starts it; the
+# thread that sets the fixture up is a member only while the fixture's own code runs
+# (``enter`` / ``leave``).
 
 _lineages_lock = _real_lock()
 _LINEAGES: list[Lineage] = []
-_lineage_start: Any = None  # our wrapper, while installed
-_start_under_it: Any = None  # what it wraps
 
 
 @final
 class Lineage(_Recording):
     """A fixture's threads: the ones its code starts, and the ones those start."""
 
-    def __init__(self) -> None:  # no super().__init__(): it installs the body's hooks
+    catches_exceptions = False
+
+    def __init__(self) -> None:  # no super().__init__(): not the body's
         self.lock = _real_lock()
         self.active = True
         self.family = set()
         self.started = {}
         self.errors = []
-        _add_lineage(self)
+        self._hook = self._previous_hook = None
+        with _lineages_lock:
+            _LINEAGES.append(self)
+        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._on_start)
 
     def enter(self) -> None:
         """The calling thread acts for the fixture (its setup or teardown runs)."""
@@ -252,16 +263,13 @@ class Lineage(_Recording):
         with self.lock:
             return self.active and threading.current_thread() in self.family
 
-    def _record(self, thread: threading.Thread) -> None:
-        with self.lock:
-            if not self.active or thread in self.started:
-                return  # fed by two wrappers at once
-        super()._record(thread)
-
     def close(self) -> None:
         with self.lock:
             self.active = False
-        _remove_lineage(self)
+        self._stop_listening()
+        with _lineages_lock:
+            if self in _LINEAGES:
+                _LINEAGES.remove(self)
 
 
 def acting_for_a_fixture() -> bool:
@@ -269,44 +277,6 @@ def acting_for_a_fixture() -> bool:
     with _lineages_lock:
         lineages = list(_LINEAGES)
     return any(lineage.acting() for lineage in lineages)
-
-
-def _feed_lineages(thread: threading.Thread) -> None:
-    with _lineages_lock:
-        lineages = list(_LINEAGES)
-    for lineage in lineages:
-        lineage._record(thread)
-
-
-def _add_lineage(lineage: Lineage) -> None:
-    global _lineage_start, _start_under_it
-    with _lineages_lock:
-        _LINEAGES.append(lineage)
-        if _lineage_start is not None and threading.Thread.start is _lineage_start:
-            return
-        # Not installed, or someone put a start of theirs over ours (ours may be gone from
-        # under it): a fresh one on top. Two of ours feed a start twice; lineages record once.
-        _start_under_it = original = threading.Thread.start
-
-        def start(thread: threading.Thread) -> None:
-            _feed_lineages(thread)
-            original(thread)
-
-        _lineage_start = start
-        threading.Thread.start = start  # type: ignore[method-assign, assignment]
-
-
-def _remove_lineage(lineage: Lineage) -> None:
-    global _lineage_start, _start_under_it
-    with _lineages_lock:
-        if lineage in _LINEAGES:
-            _LINEAGES.remove(lineage)
-        if _LINEAGES or _lineage_start is None:
-            return
-        # Restored only if nobody wrapped it after us; otherwise ours stays, feeding nobody.
-        if threading.Thread.start is _lineage_start:
-            threading.Thread.start = _start_under_it  # type: ignore[method-assign]
-            _lineage_start = _start_under_it = None
 
 
 def _running(

@@ -1,0 +1,182 @@
+"""The process-wide hooks the checks listen to (pytest_concur/_hooks.py)."""
+
+from __future__ import annotations
+
+import inspect
+import multiprocessing
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pytest_concur import _hooks
+
+
+@pytest.fixture
+def clean_hooks() -> Iterator[None]:
+    """Whatever a test installs is put back after it (nothing listens by then)."""
+    assert _hooks.listening() == []
+    try:
+        yield
+    finally:
+        assert _hooks.listening() == []
+        _hooks.uninstall()
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_around_listener_sees_the_start_and_its_end() -> None:
+    seen: list[str] = []
+
+    def listener(thread: threading.Thread) -> Any:
+        seen.append(f"before {thread.name} alive={thread.is_alive()}")
+        return lambda: seen.append(f"after {thread.name} started={thread.ident is not None}")
+
+    stop = _hooks.listen(_hooks.THREAD_START, listener)
+    try:
+        thread = threading.Thread(target=lambda: None, name="t1")
+        thread.start()
+        thread.join()
+    finally:
+        stop()
+    assert seen == ["before t1 alive=False", "after t1 started=True"]
+    # Stopped: the next start is not seen, and stopping twice does no harm.
+    threading.Thread(target=lambda: None).start()
+    stop()
+    assert len(seen) == 2
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_after_listener_gets_the_object_once_it_is_made() -> None:
+    commands: list[object] = []
+    stop = _hooks.listen(_hooks.POPEN_INIT, lambda popen, result: commands.append(popen.args))
+    try:
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        with pytest.raises(FileNotFoundError):
+            subprocess.Popen(["/nonexistent/concur-command"])  # never made: never told
+    finally:
+        stop()
+    assert commands == [[sys.executable, "-c", "pass"]]
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_exitcode_listener_is_told_only_of_a_known_code() -> None:
+    codes: list[int] = []
+    stop = _hooks.listen(_hooks.PROCESS_EXITCODE, lambda process, code: codes.append(code))
+    try:
+        process = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,))
+        assert process.exitcode is None  # not started: nothing to tell
+        process.start()
+        process.join()
+        assert process.exitcode == 3
+    finally:
+        stop()
+    assert codes == [3]
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_wrappers_keep_the_signature_and_go_away_at_uninstall() -> None:
+    original = subprocess.Popen.__dict__["__init__"]
+    stop = _hooks.listen(_hooks.POPEN_INIT, lambda popen, result: None)
+    assert subprocess.Popen.__dict__["__init__"] is not original
+    assert inspect.signature(subprocess.Popen) == inspect.signature(original).replace(
+        parameters=list(inspect.signature(original).parameters.values())[1:]
+    )
+    _hooks.uninstall()  # something listens: it stays
+    assert subprocess.Popen.__dict__["__init__"] is not original
+    stop()
+    _hooks.uninstall()
+    assert subprocess.Popen.__dict__["__init__"] is original
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_a_wrapper_put_over_ours_is_left_in_place() -> None:
+    original = threading.Thread.__dict__["start"]
+    stop = _hooks.listen(_hooks.THREAD_START, lambda thread: None)
+    ours = threading.Thread.__dict__["start"]
+    calls: list[str] = []
+
+    def theirs(thread: threading.Thread) -> None:
+        calls.append("theirs")
+        ours(thread)
+
+    threading.Thread.start = theirs  # type: ignore[method-assign]
+    try:
+        stop()
+        _hooks.uninstall()
+        assert threading.Thread.__dict__["start"] is theirs  # not ours to undo
+        seen: list[threading.Thread] = []
+        stop = _hooks.listen(_hooks.THREAD_START, seen.append)  # ours below is reused
+        thread = threading.Thread(target=lambda: None)
+        thread.start()
+        thread.join()
+        stop()
+        assert calls == ["theirs"]
+        assert seen == [thread]
+    finally:
+        threading.Thread.start = ours  # type: ignore[method-assign]
+        _hooks.uninstall()
+    assert threading.Thread.__dict__["start"] is original
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_replace_installs_once() -> None:
+    made: list[object] = []
+
+    class Owner:
+        def method(self) -> str:
+            return "real"
+
+    def make(original: Any) -> Any:
+        made.append(original)
+        return lambda self: "ours:" + original(self)
+
+    _hooks.replace(Owner, "method", make)
+    _hooks.replace(Owner, "method", make)
+    assert Owner().method() == "ours:real"
+    assert len(made) == 1
+    _hooks.uninstall()
+    assert Owner().method() == "real"
+
+
+def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
+    import asyncio.base_events
+    import asyncio.events
+
+    places = [
+        (threading.Thread, "start"),
+        (threading.Thread, "join"),
+        (subprocess.Popen, "__init__"),
+        (asyncio.base_events.BaseEventLoop, "__init__"),
+        (asyncio.base_events.BaseEventLoop, "create_task"),
+        (asyncio.events.Handle, "_run"),
+    ]
+    before = [owner.__dict__[name] for owner, name in places]
+    pytester.makepyfile(
+        """
+        import asyncio, subprocess, sys, threading
+        import pytest
+
+        @pytest.fixture
+        def helper():
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            yield
+            thread.join()
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        def test_starts_things(helper):
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            thread.join()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+
+        @pytest.mark.backend("asyncio")
+        async def test_a_task():
+            await asyncio.create_task(asyncio.sleep(0))
+        """
+    )
+    pytester.runpytest_inprocess().assert_outcomes(passed=4)
+    assert [owner.__dict__[name] for owner, name in places] == before
