@@ -578,45 +578,87 @@ def _end_watches(watches: Sequence[Watch], failed: bool) -> list[str]:
 
 
 class _Starts:
-    """Which copy started each thread started while the copies run.
+    """Which copy started each thread, task and child process started while the copies run.
 
-    ``Thread.start`` is listened to from creation to :meth:`close`: a thread started where
-    the copy index is set (a copy's thread or task), or by a thread noted before, is noted
-    with that copy's index. Made after the watches began, it is closed only after they
-    ended: a thread a copy started may start another after the last copy returned, while
-    the threads check waits for stragglers. Our state is only touched under our own lock.
+    ``Thread.start``, ``BaseEventLoop.create_task``, ``BaseProcess.start`` and
+    ``Popen.__init__`` are listened to from creation to :meth:`close`: what is started where
+    the copy index is set (a copy's thread or task, and the tasks they create, which run in
+    a copy of its context), or by a thread noted before, is noted with that copy's index.
+    Made after the watches began, it is closed only after they ended: a thread a copy
+    started may start another after the last copy returned, while the threads check waits
+    for stragglers. Our state is only touched under our own lock.
     """
 
     def __init__(self) -> None:
         self._lock = _locks._real_allocate_lock()  # never a tracked lock: our bookkeeping
         self._active = True
         self._copy_of: dict[threading.Thread, int] = {}
-        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._note)
+        # How a report names each thing noted (see owners), with the copy that started it.
+        self._named: list[tuple[str, int]] = []
+        self._tasks: list[tuple[Any, int]] = []
+        self._stop_listening = _hooks.listen_many(
+            (
+                (_hooks.THREAD_START, self._note_thread),
+                (_hooks.LOOP_CREATE_TASK, self._note_task),
+                (_hooks.PROCESS_START, self._note_process),
+                (_hooks.POPEN_INIT, self._note_popen),
+            )
+        )
 
-    def _note(self, thread: threading.Thread) -> None:
+    def _copy(self) -> int | None:
+        """The copy the calling code runs for, if any (under our lock)."""
         index = _COPY_INDEX.get(None)
-        starter = threading.current_thread()
+        if index is None:
+            index = self._copy_of.get(threading.current_thread())
+        return index
+
+    def _note_thread(self, thread: threading.Thread) -> None:
         with self._lock:
-            if not self._active:
-                return
-            if index is None:
-                index = self._copy_of.get(starter)
+            index = self._copy() if self._active else None
             if index is not None:
                 self._copy_of[thread] = index
+                self._named.append((repr(thread.name), index))
+
+    def _note_task(self, loop: object, task: object) -> None:
+        if not callable(getattr(task, "get_name", None)):
+            return
+        with self._lock:
+            index = self._copy() if self._active else None
+            if index is not None:
+                # Named when the report is read: asyncio.create_task names it only after.
+                self._tasks.append((task, index))
+
+    def _note_process(self, process: object) -> Callable[[], None]:
+        # Before the start: the pid is known after it.
+        def started() -> None:
+            self._note_pid(getattr(process, "pid", None))
+
+        return started
+
+    def _note_popen(self, popen: object, result: None) -> None:
+        self._note_pid(getattr(popen, "pid", None))
+
+    def _note_pid(self, pid: int | None) -> None:
+        if pid is None:
+            return
+        with self._lock:
+            index = self._copy() if self._active else None
+            if index is not None:
+                self._named.append((f"(pid {pid},", index))
+                self._named.append((f"(pid {pid})", index))
 
     def close(self) -> None:
-        """Stop noting; if someone wrapped ``Thread.start`` over us, ours just passes through."""
+        """Stop noting."""
         with self._lock:
             self._active = False
         self._stop_listening()
 
     def owners(self, report: str) -> list[int]:
-        """The copies that started a thread that is still running and that ``report`` names."""
+        """The copies that started a thread, task or process that ``report`` names."""
         with self._lock:
-            noted = list(self._copy_of.items())
-        return sorted(
-            {index for thread, index in noted if thread.is_alive() and repr(thread.name) in report}
-        )
+            named = list(self._named)
+            named.extend((repr(task.get_name()), index) for task, index in self._tasks)
+        return sorted({index for name, index in named if name in report})
 
 
 # -- one verdict from N outcomes ----------------------------------------------------------

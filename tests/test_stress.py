@@ -372,6 +372,57 @@ def test_a_copy_that_leaks_a_thread_is_named(pytester: pytest.Pytester, backend_
     assert result.stdout.str().count("left 1 thread running") == 2
 
 
+def test_a_copy_that_leaks_a_task_or_a_process_is_named(pytester: pytest.Pytester) -> None:
+    # Tasks by their name, processes by their pid: the copy that started each is found
+    # the same way as for threads, and so is the one whose thread raised.
+    pytester.makepyfile(
+        """
+        import asyncio, subprocess, sys, threading
+        import pytest
+
+        @pytest.mark.backend("asyncio", workers=3)
+        async def test_task(worker_index):
+            if worker_index == 1:
+                asyncio.create_task(asyncio.sleep(30), name="stray")
+            await asyncio.sleep(0)
+
+        @pytest.mark.backend("thread", workers=2)
+        def test_process(worker_index):
+            if worker_index == 0:
+                subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+
+        def boom():
+            raise ValueError("boom in a copy's thread")
+
+        @pytest.mark.backend("thread", workers=2)
+        def test_thread_error(worker_index):
+            if worker_index == 1:
+                threading.Thread(target=boom).start()
+        """
+    )
+    result = pytester.runpytest_subprocess(
+        "--timeout=20", "-o", "concur_leak_grace=0.2", "-p", "no:randomly", timeout=60
+    )
+    result.assert_outcomes(failed=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_task[[]asyncio[]] _*",
+            "pytest-concur: the test left 1 task pending",
+            "*Task 'stray'*",
+            "*copy 1 of 3 failed with the error above",
+            "copies 0, 2 of 3 passed",
+            "*_ test_process[[]thread[]] _*",
+            "pytest-concur: the test left 1 child process running",
+            "*copy 0 of 2 failed with the error above",
+            "copy 1 of 2 passed",
+            "*_ test_thread_error[[]thread[]] _*",
+            "*ValueError: boom in a copy's thread",
+            "*copy 1 of 2 failed with the error above",
+            "copy 0 of 2 passed",
+        ]
+    )
+
+
 @pytest.mark.parametrize("backend", ["thread", "process"])
 def test_a_hang_names_the_copies_still_running(pytester: pytest.Pytester, backend: str) -> None:
     pytester.makepyfile(
