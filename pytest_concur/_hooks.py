@@ -117,6 +117,7 @@ PROCESS_EXITCODE = _Site("multiprocessing.process:BaseProcess", "exitcode", "exi
 POPEN_INIT = _Site("subprocess:Popen", "__init__", "after")
 POOL_INIT = _Site("multiprocessing.pool:Pool", "__init__", "after")
 PROCESS_POOL_INIT = _Site("concurrent.futures.process:ProcessPoolExecutor", "__init__", "after")
+THREAD_POOL_INIT = _Site("concurrent.futures.thread:ThreadPoolExecutor", "__init__", "after")
 LOOP_INIT = _Site("asyncio.base_events:BaseEventLoop", "__init__", "after")
 LOOP_CREATE_TASK = _Site("asyncio.base_events:BaseEventLoop", "create_task", "after")
 _SITES = (
@@ -126,6 +127,7 @@ _SITES = (
     POPEN_INIT,
     POOL_INIT,
     PROCESS_POOL_INIT,
+    THREAD_POOL_INIT,
     LOOP_INIT,
     LOOP_CREATE_TASK,
 )

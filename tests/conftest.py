@@ -3,9 +3,15 @@ from __future__ import annotations
 # Imported here, in the outer process, so that pytester's inline runs (which drop the
 # modules they imported when they end) never unload and re-import them: re-importing the
 # single-phase C extension behind multiprocessing.synchronize on 3.10 left it with a
-# garbage SEM_VALUE_MAX once, in CI.
-import concurrent.futures.process  # noqa: F401
+# garbage SEM_VALUE_MAX once, in CI. And the checks hook classes of these modules once
+# (pytest_concur/_hooks.py): a module imported afresh by a later inline run would have a
+# class of its own, while concurrent.futures keeps handing out the first one.
+import asyncio.base_events  # noqa: F401
+import concurrent.futures.process
+import concurrent.futures.thread  # noqa: F401
+import multiprocessing.pool
 import multiprocessing.synchronize  # noqa: F401
+import subprocess  # noqa: F401
 
 import pytest
 

@@ -335,7 +335,7 @@ def test_thread_pool_a_fixture_never_shuts_down_is_shut_down(
     result.stdout.fnmatch_lines(
         [
             "pytest-concur: fixture 'pool' (*.py:7) left 1 thread pool open",
-            "  ThreadPoolExecutor 'fetchers' with 1 worker thread, first used at *.py:10 in "
+            "  ThreadPoolExecutor 'fetchers' with 1 worker thread, created at *.py:9 in "
             "pool, was never shut down",
         ]
     )

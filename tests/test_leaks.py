@@ -110,6 +110,32 @@ def test_a_clean_test_does_not_wait(pytester: pytest.Pytester) -> None:
     result.stdout.no_fnmatch_line("*s call *test_nothing*")
 
 
+def test_a_pool_made_before_the_test_is_left_alone(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # asgiref keeps such a pool in a class attribute: its worker starts when a test first
+    # uses it, and is meant to serve every later test. Not the test's pool, not a leak;
+    # and shutting it down would break the tests after.
+    pytester.makeini(FAST)
+    pytester.makepyfile(
+        f"""
+        from concurrent.futures import ThreadPoolExecutor
+        import pytest
+
+        SHARED = ThreadPoolExecutor(1, thread_name_prefix="shared")
+
+        @pytest.mark.backend("{backend_name}")
+        def test_first_use():
+            assert SHARED.submit(abs, -1).result() == 1
+
+        def test_still_serves():
+            assert SHARED.submit(abs, -2).result() == 2
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+    run(pytester, "--concur-check-all", "-p", "no:randomly").assert_outcomes(passed=2)
+
+
 def test_thread_pool_left_open_is_shut_down(pytester: pytest.Pytester, backend_name: str) -> None:
     pytester.makeini(FAST)
     pytester.makepyfile(
@@ -135,8 +161,8 @@ def test_thread_pool_left_open_is_shut_down(pytester: pytest.Pytester, backend_n
     result.stdout.fnmatch_lines(
         [
             "pytest-concur: the test left 1 thread pool open",
-            "  ThreadPoolExecutor 'fetchers' with 1 worker thread, first used at "
-            "test_thread_pool_left_open_is_shut_down.py:11 in test_leaves_pool_open, "
+            "  ThreadPoolExecutor 'fetchers' with 1 worker thread, created at "
+            "test_thread_pool_left_open_is_shut_down.py:9 in test_leaves_pool_open, "
             "was never shut down",
             "  pytest-concur shut it down*",
         ]

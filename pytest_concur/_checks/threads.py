@@ -75,7 +75,7 @@ class ThreadsWatch(LeakWatch):
     def verdict(self, state: Recording) -> str | None:
         assert isinstance(state, _Recording)
         with state.lock:
-            if not state.started and not state.errors:
+            if not state.started and not state.errors and not state.executors:
                 return None  # the common case: the body started nothing
         ignored = _loop_executor()
         loop_pools = self.loop_pools_are_loops
@@ -119,7 +119,7 @@ class ThreadsWatch(LeakWatch):
             prefix = workers[0][0].name.rsplit("_", 1)[0]
             lines.append(
                 f"  {type(executor).__name__} {prefix!r} with "
-                f"{plural(len(workers), 'worker thread')}, first used at {first.site}, "
+                f"{plural(len(workers), 'worker thread')}, created at {first.site}, "
                 "was never shut down"
             )
             try:
@@ -161,22 +161,36 @@ class _Recording:
         self.family: set[threading.Thread] = {threading.current_thread()}
         self.started: dict[threading.Thread, _Started] = {}
         self.errors: list[tuple[str, Site, str]] = []
+        # Thread pools the family created: only their workers are judged as pools.
+        self.executors: list[tuple[weakref.ref[Any], Site]] = []
         # Installed with the first thread recorded: most bodies start none.
         self._hook: Any = None
         self._previous_hook: Any = None
-        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._on_start)
+        self._stop_listening = _listen(self)
 
     def _on_start(self, thread: threading.Thread) -> None:
         if self.active:
             self._record(thread)
 
+    def _on_executor(self, executor: Any, result: None) -> None:
+        with self.lock:
+            if not self.active or threading.current_thread() not in self.family:
+                return
+        site = here()
+        with self.lock:
+            self.executors.append((weakref.ref(executor), site))
+
+    def created(self) -> dict[Any, Site]:
+        """The thread pools the family created that still exist, with where."""
+        with self.lock:
+            executors = list(self.executors)
+        return {executor: site for ref, site in executors if (executor := ref()) is not None}
+
     def _record(self, thread: threading.Thread) -> None:
         with self.lock:
             if threading.current_thread() not in self.family:
                 return
-        target = getattr(thread, "_target", None)
-        name = callable_name(target) if target is not None else f"{type(thread).__qualname__}.run"
-        started = _Started(name, here())
+        started = _Started(_target_name(thread), here())
         with self.lock:
             self.family.add(thread)
             self.started[thread] = started
@@ -243,10 +257,11 @@ class Lineage(_Recording):
         self.family = set()
         self.started = {}
         self.errors = []
+        self.executors = []
         self._hook = self._previous_hook = None
         with _lineages_lock:
             _LINEAGES.append(self)
-        self._stop_listening = _hooks.listen(_hooks.THREAD_START, self._on_start)
+        self._stop_listening = _listen(self)
 
     def enter(self) -> None:
         """The calling thread acts for the fixture (its setup or teardown runs)."""
@@ -272,6 +287,20 @@ class Lineage(_Recording):
                 _LINEAGES.remove(self)
 
 
+def _target_name(thread: threading.Thread) -> str:
+    target = getattr(thread, "_target", None)
+    return callable_name(target) if target is not None else f"{type(thread).__qualname__}.run"
+
+
+def _listen(recording: _Recording) -> Any:
+    return _hooks.listen_many(
+        (
+            (_hooks.THREAD_START, recording._on_start),
+            (_hooks.THREAD_POOL_INIT, recording._on_executor),
+        )
+    )
+
+
 def acting_for_a_fixture() -> bool:
     """Whether the calling thread belongs to a live fixture's lineage."""
     with _lineages_lock:
@@ -285,22 +314,38 @@ def _running(
     list[tuple[threading.Thread, _Started]],
     dict[Any, list[tuple[threading.Thread, _Started]]],
 ]:
-    """Recorded threads still alive: plain ones, and workers of executors left open."""
+    """Threads still alive: plain recorded ones, and workers of executors left open.
+
+    A worker belongs to its executor: it is judged with it, and only if the owner created
+    the executor. A pool made before (a library's module-level one, a fixture's) starts
+    its workers when first used, and they are meant to outlive the test.
+    """
     leaked: list[tuple[threading.Thread, _Started]] = []
+    created = state.created()
     pools: dict[Any, list[tuple[threading.Thread, _Started]]] = {}
+    for executor, site in created.items():
+        if (
+            executor is ignored
+            or (loop_pools and _is_loop_executor(executor))
+            or getattr(executor, "_shutdown", False)
+            or _claimed(executor)
+        ):
+            continue
+        # An executor nobody shut down keeps its idle workers forever: no use waiting.
+        workers = [t for t in list(getattr(executor, "_threads", ())) if t.is_alive()]
+        if workers:
+            pools[executor] = [(t, _Started(_target_name(t), site)) for t in workers]
     for thread, started in state.threads():
         if not thread.is_alive() or _belongs_to_processes(thread) or _claimed(thread):
             continue
         executor = _executor_of(thread)
+        if executor is not None and (executor not in created or executor in pools):
+            continue  # not the owner's pool, or one reported as a pool
         if executor is not None and (
             executor is ignored or (loop_pools and _is_loop_executor(executor))
         ):
             continue
-        if executor is not None and not getattr(executor, "_shutdown", False):
-            # An executor nobody shut down keeps its idle workers forever: no use waiting.
-            pools.setdefault(executor, []).append((thread, started))
-        else:
-            leaked.append((thread, started))
+        leaked.append((thread, started))  # a plain thread, or a worker finishing its work
     return leaked, pools
 
 
