@@ -194,6 +194,8 @@ def _threads(
             role.append("the test body")
         elif ident in started:
             role.append("started by the test")
+        elif thread is not None and _locks.left_behind(thread):
+            role.append("left running by an earlier test")
         elif tracker is not None and ident in tracker.foreign_at_start:
             role.append("running before the test began")
         elif thread is None:

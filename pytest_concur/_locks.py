@@ -41,7 +41,8 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
 from typing import Any, final
 
@@ -63,6 +64,7 @@ _STDLIB_SYNC = (
     os.path.join("multiprocessing", ""),
     __file__,
     os.path.join(os.path.dirname(__file__), "_workers.py"),  # the concur fixture's joins
+    os.path.join(os.path.dirname(__file__), "_hooks.py"),  # Thread.start, Popen.__init__...
 )
 # The public blocking calls we name in diagnoses, by the stdlib function that blocks.
 _BLOCKING_CALLS = {
@@ -116,8 +118,10 @@ def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
         return "<unknown>"
     code = frame.f_code
     site = f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
-    if (with_caller or code.co_name == "__init__") and frame.f_back is not None:
-        caller = frame.f_back
+    caller = frame.f_back
+    while caller is not None and caller.f_code.co_filename.startswith(_PACKAGE):
+        caller = caller.f_back  # our hooks' wrappers (see _hooks) call __init__ for the user
+    if (with_caller or code.co_name == "__init__") and caller is not None:
         site += f" (from {_short(caller.f_code.co_filename)}:{caller.f_lineno})"
     return site
 
@@ -566,13 +570,33 @@ class Tracker:
         return "\n\n".join(dict.fromkeys(self.inversions)) or None
 
 
+# Threads an earlier test left running, reported as leaks (see the threads check).
+_LEFT_BEHIND: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+_left_behind_lock = _real_allocate_lock()
+
+
+def note_left_behind(threads: Iterable[threading.Thread]) -> None:
+    """These threads were reported as left running by a test: no later test's business."""
+    with _left_behind_lock:
+        _LEFT_BEHIND.update(threads)
+
+
+def left_behind(thread: threading.Thread) -> bool:
+    """Whether an earlier test left this thread running, and was failed for it."""
+    with _left_behind_lock:
+        return thread in _LEFT_BEHIND
+
+
 def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
     """Whether a thread that is not in a tracked wait might still end someone's wait.
 
     Not: pytest-timeout's timer thread (it ends the test, not a wait), an idle worker of a
-    thread pool (it waits for work, in C, and only runs what a running thread submits).
+    thread pool (it waits for work, in C, and only runs what a running thread submits), a
+    thread an earlier test left running and was failed for (its leak is reported once;
+    letting it hide every later deadlock would turn each into a silent wait for the
+    deadline).
     """
-    if thread.name.startswith("pytest_timeout "):
+    if thread.name.startswith("pytest_timeout ") or left_behind(thread):
         return False
     frame = frames.get(thread.ident or -1)
     if frame is not None:

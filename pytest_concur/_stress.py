@@ -390,7 +390,9 @@ def run_threads(call: BodyCall) -> None:
             target=contextvars.copy_context().run,
             args=(copy, index),
             name=f"{name}-copy{index}",
-            daemon=True,
+            # As the body's thread: what a copy starts is non-daemon by default, as in a
+            # plain run; copies given up on are guarded at exit (see _backends/thread.py).
+            daemon=False,
         )
         for index in range(count)
     ]

@@ -692,3 +692,31 @@ def test_detection_works_with_pytest_timeouts_thread_method(pytester: pytest.Pyt
     result = pytester.runpytest_subprocess("--timeout=20", "--timeout-method=thread", timeout=60)
     result.assert_outcomes(failed=1, passed=1)
     result.stdout.fnmatch_lines(["*deadlock: every thread of the test is blocked*"])
+
+
+def test_a_thread_an_earlier_test_leaked_does_not_hide_a_later_deadlock(
+    pytester: pytest.Pytester,
+) -> None:
+    # The leaked thread runs (sleeps, untracked) while the next test waits: it could end
+    # the wait in principle, but it was reported as the earlier test's leak already, and
+    # letting it stand would turn every later deadlock into a silent wait for the deadline.
+    pytester.makeini("[pytest]\nconcur_leak_grace = 0.1\n")
+    pytester.makepyfile(
+        """
+        import threading, time
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_leaks():
+            threading.Thread(target=time.sleep, args=(30,), name="leaked", daemon=True).start()
+
+        @pytest.mark.backend("thread", "asyncio")
+        def test_waits_forever():
+            threading.Event().wait()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=3)
+    result.stdout.fnmatch_lines(["*left 1 thread running*", "*Thread 'leaked'*"])
+    assert result.stdout.str().count("DeadlockError") >= 2
+    assert "Timeout" not in result.stdout.str()

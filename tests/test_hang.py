@@ -160,6 +160,34 @@ def test_children_of_the_test_are_shown(pytester: pytest.Pytester) -> None:
     )
 
 
+def test_a_child_stuck_on_a_full_pipe_names_the_users_line(pytester: pytest.Pytester) -> None:
+    # The classic: wait() on a child whose stdout pipe nobody reads. The Popen's lock is
+    # made in subprocess's __init__, which pytest-concur's hook calls for the user: the
+    # report must name the user's line, not the hook's.
+    pytester.makepyfile(
+        """
+        import subprocess, sys
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_pipe_full():
+            code = "import sys; sys.stdout.write('x' * 1000000)"
+            child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+            child.wait()
+        """
+    )
+    result = run(pytester, "--concur-timeout=0.5")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*holds Lock created at *subprocess.py:* in __init__ (from "
+            "test_a_child_stuck_on_a_full_pipe_names_the_users_line.py:7)",
+            "Child processes:",
+        ]
+    )
+    assert "_hooks.py" not in result.stdout.str()
+
+
 def test_default_deadline_without_pytest_timeout(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nconcur_timeout = 0.5\n")
     pytester.makepyfile(
@@ -353,6 +381,32 @@ def test_stuck_non_daemon_thread_does_not_keep_the_session_alive(
         ]
     )
     assert (pytester.path / "report.xml").exists()
+
+
+def test_a_body_stuck_in_c_does_not_keep_the_session_alive(pytester: pytest.Pytester) -> None:
+    # The thread backend's body thread is not a daemon (threads it starts must not be
+    # daemons either). Given up on at its deadline while blocked in C code, it must not
+    # hold the interpreter at exit (it is let go, or guarded: see _shutdown).
+    pytester.makepyfile(
+        """
+        import os, threading
+        import pytest
+
+        READ_END, WRITE_END = os.pipe()  # nobody ever writes
+
+        @pytest.mark.backend("thread")
+        def test_stuck():
+            assert not threading.current_thread().daemon
+            os.read(READ_END, 1)
+
+        def test_next():
+            pass
+        """
+    )
+    result = run(pytester, "--concur-timeout=0.5")
+    result.assert_outcomes(failed=1, passed=1)
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    assert result.duration < 30
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGALRM")

@@ -643,3 +643,31 @@ def test_unknown_check_in_ini_is_a_usage_error(pytester: pytest.Pytester) -> Non
             "processes, blocked_loop."
         ]
     )
+
+
+def test_threads_the_body_starts_are_what_they_are_in_a_plain_run(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # Under the thread backend the body runs in a thread of ours: a thread it starts
+    # inherits that thread's daemon flag, which must be the main thread's (not a daemon).
+    pytester.makepyfile(
+        f"""
+        import threading
+        import pytest
+
+        def check():
+            t = threading.Thread(target=lambda: None)
+            assert not t.daemon
+            t.start()
+            t.join()
+
+        @pytest.mark.backend("{backend_name}")
+        def test_body():
+            check()
+
+        @pytest.mark.backend("{backend_name}", workers=2)
+        def test_copies():
+            check()
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)

@@ -37,13 +37,15 @@ class _ThreadRunner:
             except BaseException as exc:  # every outcome, skip and exit included, goes back
                 error.append(exc)
 
-        # A daemon thread: if the main thread gives up waiting (a timeout, ^C), a body that
-        # never returns must not keep the interpreter alive at exit. It runs in a copy of
+        # Not a daemon, as the main thread is not: the threads the body starts inherit that,
+        # and must be what they are in a plain run (non-daemon unless told otherwise). If the
+        # main thread gives up waiting (a timeout, ^C), the body's thread is guarded so that
+        # it cannot keep the interpreter alive at exit (see _shutdown). It runs in a copy of
         # this thread's context, so context variables set by fixtures (decimal's context
         # among them) are seen by the body as in a plain run.
         context = contextvars.copy_context()
         worker = threading.Thread(
-            target=context.run, args=(body,), name=f"concur-{call.item.name}", daemon=True
+            target=context.run, args=(body,), name=f"concur-{call.item.name}", daemon=False
         )
         worker.start()
         try:
@@ -73,13 +75,16 @@ def _interrupted(exc: BaseException, worker: threading.Thread) -> BaseException:
     Its traceback would only show this thread waiting in ``Thread.join``: drop it, and say
     where the body's thread stands instead (pytest-concur's own deadline has said it all).
     """
-    if getattr(exc, "concur_hang_report", False):
-        return exc
-    frames = sys._current_frames()
     # In stress mode the copies run in threads named after the body's (see _stress).
     threads = [worker] + [
         t for t in threading.enumerate() if t.name.startswith(f"{worker.name}-copy")
     ]
+    from pytest_concur import _shutdown
+
+    _shutdown.guard(threads)  # given up on: they must not hold the interpreter at exit
+    if getattr(exc, "concur_hang_report", False):
+        return exc
+    frames = sys._current_frames()
     for thread in threads:
         frame = frames.get(thread.ident or -1)
         if frame is None:

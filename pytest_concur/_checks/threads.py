@@ -89,10 +89,12 @@ class ThreadsWatch(LeakWatch):
         ]
         if leaked:
             problems.append(_leak_report(leaked, self.owner))
-            from pytest_concur import _shutdown
+            from pytest_concur import _locks, _shutdown
 
-            # Reported; if one never ends, it must not hold the interpreter open at exit.
+            # Reported; if one never ends, it must not hold the interpreter open at exit,
+            # nor stand for a thread that might end a later test's wait.
             _shutdown.guard(t for t, _ in leaked)
+            _locks.note_left_behind(t for t, _ in leaked)
         open_pools = [
             (executor, workers)
             for executor, workers in pools.items()
