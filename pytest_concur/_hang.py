@@ -202,7 +202,7 @@ def _threads(
             role.append("not a threading.Thread: started by C code or _thread")
         if thread is not None and thread.daemon:
             role.append("daemon")
-        body = _stack(frames[ident])
+        body = stack_lines(frames[ident])
         state: list[str] = []
         if tracker is not None:
             held = _copy(lambda ident=ident: list(tracker.held.get(ident, ())))
@@ -301,8 +301,12 @@ def _is_child_start(filename: str, name: str) -> bool:
     return filename.endswith(_CHILD_START[0]) and name == _CHILD_START[1]
 
 
-def _stack(frame: FrameType | None) -> list[str]:
-    """A thread's stack, oldest call first, without the frames of :data:`_NOISE`."""
+def stack_lines(frame: FrameType | None) -> list[str]:
+    """A thread's stack, oldest call first, without the frames of :data:`_NOISE`.
+
+    Also what a deadlock's report shows of each thread (see ``_locks``): in a process
+    backend's child, a stack starts with the parent's pytest frames, copied by the fork.
+    """
     summary = traceback.StackSummary.extract(traceback.walk_stack(frame), capture_locals=False)
     entries = list(reversed(summary))
     starts = [i for i, entry in enumerate(entries) if _is_child_start(entry.filename, entry.name)]

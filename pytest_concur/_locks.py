@@ -40,7 +40,6 @@ import signal
 import sys
 import threading
 import time
-import traceback
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from types import FrameType
@@ -102,7 +101,11 @@ HangError.__module__ = "pytest_concur"
 
 
 def _is_machinery(frame: FrameType) -> bool:
-    filename = frame.f_code.co_filename
+    return is_machinery_file(frame.f_code.co_filename)
+
+
+def is_machinery_file(filename: str) -> bool:
+    """Whether code of this file is locking machinery (the stdlib's, ours), not the user's."""
     return any(part in filename for part in _STDLIB_SYNC)
 
 
@@ -608,7 +611,6 @@ def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
     return True
 
 
-_THREAD_BOOTSTRAP = frozenset({"_bootstrap", "_bootstrap_inner", "run"})
 _KINDS = {
     "cycle": "a wait-for cycle (each thread waits for the next)",
     "self": "a thread waits for a lock it holds itself, and no other thread is left running "
@@ -631,13 +633,9 @@ def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str
             continue
         lines.append("")
         lines.append(f"Stack of thread {_thread_name(ident)}:")
-        stack = [
-            f
-            for f in traceback.extract_stack(frame)
-            if not f.filename.startswith(_PACKAGE)
-            and not (f.filename.endswith("threading.py") and f.name in _THREAD_BOOTSTRAP)
-        ]
-        lines.extend(line.rstrip("\n") for line in traceback.format_list(stack))
+        from pytest_concur._hang import stack_lines  # imports us: not at the top
+
+        lines.extend(stack_lines(frame))
     return "\n".join(lines)
 
 

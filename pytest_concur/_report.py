@@ -7,9 +7,12 @@ and attaches pytest's rendering of the failure, made where the frames were. The 
 
 from __future__ import annotations
 
+from types import TracebackType
 from typing import Any
 
 import pytest
+
+from pytest_concur import _locks
 
 _LONGREPR = pytest.StashKey[tuple[BaseException, Any]]()
 
@@ -32,3 +35,29 @@ def apply_longrepr(
         return
     if report.failed or (report.skipped and not hasattr(report, "wasxfail")):
         report.longrepr = longrepr
+
+
+def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
+    """End the traceback of a DeadlockError or HangError at the user's waiting line.
+
+    They are raised inside the wait (``Condition.wait``, ``Queue.get``, ``Future.result``
+    ...): pytest would end the failure with the standard library's source, docstring and
+    all, and name ``threading.py`` as its place. The frames of the waiting machinery
+    after the user's last frame are dropped; the report names every waiter's stack.
+    """
+    if not isinstance(excinfo.value, (_locks.DeadlockError, _locks.HangError)):
+        return
+    raw: list[TracebackType] = []
+    tb: TracebackType | None = excinfo.tb
+    while tb is not None:
+        raw.append(tb)
+        tb = tb.tb_next
+    end = len(raw)
+    while end > 1 and _locks.is_machinery_file(raw[end - 1].tb_frame.f_code.co_filename):
+        end -= 1
+    if end == len(raw):
+        return
+    # Cut in the chain itself: pytest rebuilds tracebacks from it when it cuts them to the
+    # test function. (tb_next is writable since Python 3.7.)
+    raw[end - 1].tb_next = None
+    excinfo.traceback = excinfo.traceback[:end]

@@ -1122,6 +1122,7 @@ class Concur:
             workers.append(worker)
         stopped: dict[int, str] = {}
         threads = []
+        processes = []
         for worker in workers:
             if id(worker) not in unjoined or worker.done():
                 continue
@@ -1129,10 +1130,16 @@ class Concur:
                 with worker._lock:
                     worker._cancel_requested = True  # its code may poll concur.cancelled()
                 threads.append(worker)
-            else:
+            elif worker.kind == "process":
+                processes.append(worker)
+            else:  # a task: nothing runs on its loop while we would wait here
                 stopped[id(worker)] = worker._runner().stop()
-        # A thread may be on its last lines, or honour the cancellation: the grace period.
-        settle(lambda: any(not w.done() for w in threads), self._grace)
+        # A thread or a child may be on its last lines (a child sending back its outcome),
+        # or a thread honouring the cancellation: the grace period, for all at once.
+        settle(lambda: any(not w.done() for w in threads + processes), self._grace)
+        for worker in processes:
+            if not worker.done():
+                stopped[id(worker)] = worker._runner().stop()
         for worker in threads:
             if worker.done():
                 stopped[id(worker)] = "still running; pytest-concur cancelled it and it ended"

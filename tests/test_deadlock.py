@@ -720,3 +720,38 @@ def test_a_thread_an_earlier_test_leaked_does_not_hide_a_later_deadlock(
     result.stdout.fnmatch_lines(["*left 1 thread running*", "*Thread 'leaked'*"])
     assert result.stdout.str().count("DeadlockError") >= 2
     assert "Timeout" not in result.stdout.str()
+
+
+def test_the_failure_ends_at_the_users_wait_not_in_the_standard_library(
+    pytester: pytest.Pytester,
+) -> None:
+    # Event.wait, Semaphore.acquire, Queue.get... block in Condition.wait: pytest would
+    # end the failure with its source, docstring and all, and name threading.py as the
+    # place. The report of every waiter's stack says the rest.
+    pytester.makepyfile(
+        """
+        import queue, threading
+        import pytest
+
+        @pytest.mark.backend("thread", "process", "asyncio")
+        def test_waits():
+            threading.Event().wait()
+
+        @pytest.mark.backend("thread")
+        def test_gets():
+            queue.Queue().get()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=4)
+    result.stdout.fnmatch_lines(
+        [
+            "test_the_failure_ends_at_the_users_wait_not_in_the_standard_library.py:6: "
+            "DeadlockError",
+            "test_the_failure_ends_at_the_users_wait_not_in_the_standard_library.py:10: "
+            "DeadlockError",
+        ],
+        consecutive=False,
+    )
+    result.stdout.no_fnmatch_line("*Wait until notified or until a timeout occurs*")
+    result.stdout.no_fnmatch_line("*threading.py:*: DeadlockError")

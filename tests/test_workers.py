@@ -344,6 +344,27 @@ def test_fire_and_forget(concur):
     result.stdout.no_fnmatch_line("*_workers.py*")
 
 
+def test_a_worker_that_raises_as_the_body_ends_is_not_taken_for_a_running_one(
+    pytester: pytest.Pytester,
+) -> None:
+    # The body returns at once: a child is still sending back its exception. It gets the
+    # grace period, as a thread does, and its exception is reported, never "still running".
+    pytester.makeini(FAST)
+    pytester.makepyfile(
+        HELPERS
+        + """
+@pytest.mark.backend("process", "thread")
+@pytest.mark.parametrize("n", range(3))
+def test_forgets(concur, n):
+    concur.start(parse, n, name="parser")
+"""
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=6)
+    assert result.stdout.str().count("ValueError: bad record") == 6
+    result.stdout.no_fnmatch_line("*still running*")
+
+
 def test_cancel_stops_each_kind_of_worker(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         HELPERS

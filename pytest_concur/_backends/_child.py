@@ -31,6 +31,7 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_concur._backends.base import run_watched, run_watched_async
+from pytest_concur._report import end_at_the_wait
 
 
 @dataclasses.dataclass
@@ -203,6 +204,7 @@ def _failure(exc: BaseException, job: Job, item: pytest.Item | None) -> Outcome:
         entry = visible[-1]
         longrepr = (str(entry.path), entry.lineno + 1, excinfo.exconly(tryshort=True))
     else:
+        end_at_the_wait(excinfo)
         try:
             longrepr = (
                 item.repr_failure(excinfo) if item is not None else _repr_failure(excinfo, job)
