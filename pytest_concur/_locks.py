@@ -379,6 +379,8 @@ class Tracker:
         self.verdict: str | None = None
         # Set when the test is given up on at its deadline (see _hang.release).
         self.abandoned: str | None = None
+        # Threads a DeadlockError with the whole verdict was raised in.
+        self._told: set[int] = set()
         # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
         self.order: dict[tuple[int, int], tuple[TrackedLock, TrackedLock, str]] = {}
         self.inversions: list[str] = []
@@ -436,7 +438,7 @@ class Tracker:
                 if self.abandoned is not None:
                     raise HangError(self.abandoned)
                 if self.verdict is not None:
-                    raise DeadlockError(self.verdict)
+                    raise self._deadlock_error(wait)
                 if deadline is not None:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
@@ -445,7 +447,7 @@ class Tracker:
                 if attempt(slice_):
                     if wait.kind == "join" and self.verdict is not None:
                         # The joined thread ended only because the verdict unwound it.
-                        raise DeadlockError(self.verdict)
+                        raise self._deadlock_error(wait)
                     return True
                 if wait.timeout is None:
                     self._look(wait, first=False)
@@ -468,7 +470,28 @@ class Tracker:
                 if self.verdict is None:
                     self.verdict = _render(finding, waits)
         if self.verdict is not None:
-            raise DeadlockError(self.verdict)
+            raise self._deadlock_error(wait)
+
+    def _deadlock_error(self, wait: Wait) -> DeadlockError:
+        """The error for a wait the verdict ends: the whole report once per thread.
+
+        A thread unwinding from one often waits again on its way out (a ``with`` pool
+        joining its workers): that wait fails too, with a short reminder, not the whole
+        report again, which is already in the first error of the thread.
+        """
+        verdict = self.verdict
+        assert verdict is not None
+        ident = _get_ident()
+        with self._mutex:
+            told = ident in self._told
+            self._told.add(ident)
+        if not told:
+            return DeadlockError(verdict)
+        headline = verdict.splitlines()[0]
+        return DeadlockError(
+            f"{headline} (reported with this thread's first DeadlockError; this wait, "
+            f"{wait.describe()} at {wait.site}, was ended too, to let the test unwind)"
+        )
 
     def abandon(self, why: str) -> None:
         """Give up on the test: every tracked wait of it raises HangError."""

@@ -43,12 +43,27 @@ def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     They are raised inside the wait (``Condition.wait``, ``Queue.get``, ``Future.result``
     ...): pytest would end the failure with the standard library's source, docstring and
     all, and name ``threading.py`` as its place. The frames of the waiting machinery
-    after the user's last frame are dropped; the report names every waiter's stack.
+    after the user's last frame are dropped, for the error and for those it was raised
+    while handling; the report names every waiter's stack.
     """
-    if not isinstance(excinfo.value, (_locks.DeadlockError, _locks.HangError)):
-        return
+    seen: set[int] = set()
+    exc: BaseException | None = excinfo.value
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (_locks.DeadlockError, _locks.HangError)):
+            kept = _cut_after_the_user(exc.__traceback__)
+            if exc is excinfo.value and kept is not None:
+                excinfo.traceback = excinfo.traceback[:kept]
+        exc = exc.__cause__ or exc.__context__
+
+
+def _cut_after_the_user(tb: TracebackType | None) -> int | None:
+    """Cut the chain after its last frame outside the machinery: how many are kept, or None.
+
+    Cut in the chain itself: pytest rebuilds tracebacks from it when it cuts them to the
+    test function. (``tb_next`` is writable since Python 3.7.)
+    """
     raw: list[TracebackType] = []
-    tb: TracebackType | None = excinfo.tb
     while tb is not None:
         raw.append(tb)
         tb = tb.tb_next
@@ -56,8 +71,6 @@ def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     while end > 1 and _locks.is_machinery_file(raw[end - 1].tb_frame.f_code.co_filename):
         end -= 1
     if end == len(raw):
-        return
-    # Cut in the chain itself: pytest rebuilds tracebacks from it when it cuts them to the
-    # test function. (tb_next is writable since Python 3.7.)
+        return None
     raw[end - 1].tb_next = None
-    excinfo.traceback = excinfo.traceback[:end]
+    return end

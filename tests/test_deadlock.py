@@ -755,3 +755,37 @@ def test_the_failure_ends_at_the_users_wait_not_in_the_standard_library(
     )
     result.stdout.no_fnmatch_line("*Wait until notified or until a timeout occurs*")
     result.stdout.no_fnmatch_line("*threading.py:*: DeadlockError")
+
+
+def test_a_wait_on_the_way_out_is_ended_with_a_reminder_not_the_report_again(
+    pytester: pytest.Pytester,
+) -> None:
+    # The classic pool exhaustion: a task of a 1-worker pool waits for a task queued behind
+    # it. The test's thread gets the report; leaving the with block, it joins the worker,
+    # a wait the verdict ends too: a one-line reminder, not the whole report again.
+    pytester.makepyfile(
+        """
+        from concurrent.futures import ThreadPoolExecutor
+        import pytest
+
+        def parent(pool):
+            return pool.submit(abs, -21).result() * 2
+
+        @pytest.mark.backend("thread")
+        def test_nested_submit():
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                assert pool.submit(parent, pool).result() == 42
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    name = "test_a_wait_on_the_way_out_is_ended_with_a_reminder_not_the_report_again.py"
+    result.stdout.fnmatch_lines(
+        [
+            f"{name}:10: DeadlockError",
+            "*(reported with this thread's first DeadlockError; this wait, joins thread "
+            f"'ThreadPoolExecutor-*' at {name}:9 in test_nested_submit, was ended too*",
+            f"{name}:9: DeadlockError",
+        ]
+    )
+    assert result.stdout.str().count("Stack of thread 'concur-test_nested_submit") == 1
