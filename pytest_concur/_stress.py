@@ -58,11 +58,11 @@ import pytest
 
 import pytest_concur
 from pytest_concur import _hooks, _locks
-from pytest_concur._backends.base import check_result
+from pytest_concur._backends.base import check_result, end_watches
 from pytest_concur._locks import DeadlockError
 
 if TYPE_CHECKING:
-    from pytest_concur._backends.base import BodyCall, Watch
+    from pytest_concur._backends.base import BodyCall
 
 INDEX = "worker_index"
 COUNT = "worker_count"
@@ -553,7 +553,8 @@ def _finish(call: BodyCall, results: list[BaseException | None], starts: _Starts
     """End the group's watches and raise the item's outcome from the copies' and theirs."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
     shared: list[str] = []
-    for problem in _end_watches(call.watches, any(r is not None for r in results)):
+    failure = next((r for r in results if r is not None), None)
+    for problem in end_watches(call.watches, failure):
         owners = starts.owners(problem)
         for index in owners:
             results[index] = _with_problem(results[index], problem)
@@ -564,19 +565,6 @@ def _finish(call: BodyCall, results: list[BaseException | None], starts: _Starts
         error = _with_problem(error, "\n\n".join(shared))
     if error is not None:
         raise error
-
-
-def _end_watches(watches: Sequence[Watch], failed: bool) -> list[str]:
-    """End each watch (in reverse order, as ``base._report``): the problems they found."""
-    problems = []
-    for watch in reversed(watches):
-        try:
-            problem = watch.end(failed)
-        except Exception as error:  # a broken check must not hide the copies' outcomes
-            problem = f"check {type(watch).__qualname__} failed: {error!r}"
-        if problem:
-            problems.append(problem)
-    return problems
 
 
 class _Starts:

@@ -789,3 +789,36 @@ def test_a_wait_on_the_way_out_is_ended_with_a_reminder_not_the_report_again(
         ]
     )
     assert result.stdout.str().count("Stack of thread 'concur-test_nested_submit") == 1
+
+
+def test_tasks_a_deadlock_stuck_are_not_reported_again_as_left_pending(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import asyncio
+        import pytest
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_two_tasks_two_locks():
+            a, b = asyncio.Lock(), asyncio.Lock()
+
+            async def one():
+                async with a:
+                    await asyncio.sleep(0.01)
+                    async with b:
+                        pass
+
+            async def two():
+                async with b:
+                    await asyncio.sleep(0.01)
+                    async with a:
+                        pass
+
+            await asyncio.gather(one(), two())
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*every task of the event loop waits*"])
+    result.stdout.no_fnmatch_line("*left 2 tasks pending*")

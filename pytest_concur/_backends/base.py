@@ -18,6 +18,7 @@ state in its runners.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import inspect
 import sys
@@ -191,16 +192,41 @@ async def run_watched_async(
     _report(watches, None)
 
 
+# The exception the body ended with, while its watches end (see body_error).
+_BODY_ERROR: contextvars.ContextVar[BaseException | None] = contextvars.ContextVar(
+    "concur_body_error", default=None
+)
+
+
+def body_error() -> BaseException | None:
+    """In a watch's ``end``: the exception the body raised, if it failed.
+
+    For the built-in checks: what a deadlock or a hang left behind (the tasks it stuck)
+    is in its report already, and is no separate leak.
+    """
+    return _BODY_ERROR.get()
+
+
+def end_watches(watches: Sequence[Watch], exc: BaseException | None) -> list[str]:
+    """End each watch, the last begun first: the problems they report."""
+    problems = []
+    token = _BODY_ERROR.set(exc)
+    try:
+        for watch in reversed(watches):
+            try:
+                problem = watch.end(exc is not None)
+            except Exception as error:  # a broken check must not hide the body's outcome
+                problem = f"check {type(watch).__qualname__} failed: {error!r}"
+            if problem:
+                problems.append(problem)
+    finally:
+        _BODY_ERROR.reset(token)
+    return problems
+
+
 def _report(watches: Sequence[Watch], exc: BaseException | None) -> None:
     __tracebackhide__ = True  # the plugin's frames are not the user's
-    problems = []
-    for watch in reversed(watches):
-        try:
-            problem = watch.end(exc is not None)
-        except Exception as error:  # a broken check must not hide the body's outcome
-            problem = f"check {type(watch).__qualname__} failed: {error!r}"
-        if problem:
-            problems.append(problem)
+    problems = end_watches(watches, exc)
     if not problems:
         return
     text = "\n\n".join(problems)

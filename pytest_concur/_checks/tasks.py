@@ -90,7 +90,10 @@ class TasksWatch(LeakWatch):
             if not task.done()
             and not self.allow.allows(NAME, (task.get_name(), _coroutine_name(task)), site)
         ]
-        if pending:
+        if pending and _stuck_by_the_failure():
+            for task, _ in pending:  # named in the deadlock's or the hang's report
+                _cancel(task)
+        elif pending:
             problems.append(_pending_report(pending, self.owner))
         for task, site in tasks:
             if task.done() and not task.cancelled() and getattr(task, "_log_traceback", False):
@@ -241,17 +244,7 @@ def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]], owner: Owner 
         lines.append(
             f"  Task {task.get_name()!r} (coroutine={_coroutine_name(task)}) created at {site}"
         )
-        loop = task.get_loop()
-        try:
-            if loop.is_closed():
-                with contextlib.suppress(AttributeError):
-                    task._log_destroy_pending = False  # type: ignore[attr-defined]
-            elif loop.is_running() and _running_loop() is not loop:
-                loop.call_soon_threadsafe(task.cancel)
-            else:
-                task.cancel()
-        except RuntimeError:  # pragma: no cover - the loop closed meanwhile
-            pass
+        _cancel(task)
     lines.append(
         "  pytest-concur cancelled "
         + ("it" if len(pending) == 1 else "them")
@@ -259,6 +252,30 @@ def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]], owner: Owner 
         f"cancel it and await it {owner.until}."
     )
     return "\n".join(lines)
+
+
+def _cancel(task: asyncio.Task[Any]) -> None:
+    """Cancel a task from wherever we are; one whose loop is closed is only forgotten."""
+    loop = task.get_loop()
+    try:
+        if loop.is_closed():
+            with contextlib.suppress(AttributeError):
+                task._log_destroy_pending = False  # type: ignore[attr-defined]
+        elif loop.is_running() and _running_loop() is not loop:
+            loop.call_soon_threadsafe(task.cancel)
+        else:
+            task.cancel()
+    except RuntimeError:  # pragma: no cover - the loop closed meanwhile
+        pass
+
+
+def _stuck_by_the_failure() -> bool:
+    """Whether the body failed with a deadlock or at its deadline: its tasks are in that
+    report already (what each awaits), and leaving them pending is no separate fault."""
+    from pytest_concur._backends.base import body_error
+    from pytest_concur._locks import DeadlockError, HangError
+
+    return isinstance(body_error(), (DeadlockError, HangError))
 
 
 def _running_loop() -> Any:
