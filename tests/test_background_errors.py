@@ -246,3 +246,34 @@ def test_exception_in_a_thread_the_test_did_not_start_is_left_to_pytest(
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*PytestUnhandledThreadExceptionWarning*"])
     result.stdout.no_fnmatch_line("*pytest-concur*")
+
+
+def test_a_threads_traceback_shows_no_frame_of_pytest_concur(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # An RLock released by a thread that does not own it raises in the lock's release:
+    # C code for a plain RLock, pytest-concur's tracked lock while the body runs. The
+    # traceback must read as it would without the plugin.
+    pytester.makepyfile(
+        f"""
+        import threading
+        import pytest
+
+        @pytest.mark.backend("{backend_name}")
+        def test_releases_in_another_thread():
+            lock = threading.RLock()
+            lock.acquire()
+            closer = threading.Thread(target=lock.release, name="closer")
+            closer.start()
+            closer.join()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: an exception was raised in thread 'closer'*",
+            "RuntimeError: cannot release un-acquired lock",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*pytest_concur/_*")

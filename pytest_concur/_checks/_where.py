@@ -96,6 +96,29 @@ def from_origin(origin: tuple[tuple[str, int, str], ...] | None) -> Site:
     )
 
 
+_OURS = os.path.join(os.path.dirname(pytest_concur.__file__), "")
+
+
+def format_exception(exc: BaseException) -> str:
+    """``traceback.format_exception`` of ``exc``, without pytest-concur's own frames.
+
+    A tracked lock's ``release`` or our hooks' wrappers are in the way of some of the
+    user's calls; the C calls they stand for would show no frame at all.
+    """
+    import traceback
+
+    formatted = traceback.TracebackException.from_exception(exc)
+    seen: set[int] = set()
+    part: traceback.TracebackException | None = formatted
+    while part is not None and id(part) not in seen:
+        seen.add(id(part))
+        part.stack = traceback.StackSummary.from_list(
+            [frame for frame in part.stack if not frame.filename.startswith(_OURS)]
+        )
+        part = part.__cause__ or part.__context__
+    return "".join(formatted.format())
+
+
 def short_path(filename: str) -> str:
     """``filename`` relative to the working directory when it is under it."""
     try:

@@ -29,7 +29,6 @@ import contextlib
 import os
 import sys
 import threading
-import traceback
 import warnings
 import weakref
 from collections.abc import Callable
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING, Any, final
 
 from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
-from pytest_concur._checks._where import Site, from_origin, here, plural, settle
+from pytest_concur._checks._where import Site, format_exception, from_origin, here, plural, settle
 
 if TYPE_CHECKING:
     import asyncio
@@ -99,7 +98,7 @@ class TasksWatch(LeakWatch):
             if task.done() and not task.cancelled() and getattr(task, "_log_traceback", False):
                 exc = task.exception()  # marks it retrieved: asyncio will not log it again
                 assert exc is not None
-                text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+                text = format_exception(exc)
                 problems.append(
                     f"pytest-concur: task {task.get_name()!r} "
                     f"(coroutine={_coroutine_name(task)}) created at {site} raised an "

@@ -36,7 +36,14 @@ import pytest
 
 from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
-from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+from pytest_concur._checks._where import (
+    Site,
+    callable_name,
+    format_exception,
+    here,
+    plural,
+    settle,
+)
 from pytest_concur._state import backend_of
 
 NAME = "threads"
@@ -213,9 +220,11 @@ class _Recording:
         if started is None or not active or _is_deadlock_error(args.exc_value):
             self._previous_hook(args)
             return
-        text = "".join(
-            traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback)
-        )
+        exc = args.exc_value
+        if exc is None:  # pragma: no cover - CPython always passes the exception
+            text = "".join(traceback.format_exception_only(args.exc_type, exc))
+        else:
+            text = format_exception(exc)
         name = args.thread.name if args.thread is not None else "?"
         with self.lock:
             self.errors.append((name, started.site, text))
