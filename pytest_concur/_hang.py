@@ -149,10 +149,16 @@ REPORT_START = "--- pytest-concur: the child's own report ---"
 REPORT_END = "--- end of the child's report ---"
 
 
-def report_in_child(main_frame: FrameType | None) -> str:
-    """The threads and tasks of this process (a child), for its parent's report."""
+def report_in_child(main_frame: FrameType | None, *, runs_the_body: bool = True) -> str:
+    """The threads and tasks of this process (a child), for its parent's report.
+
+    ``runs_the_body`` is false in a process the body's process forked: its thread that
+    has the body thread's ident (a fork keeps it) is not the body.
+    """
     tracker = _locks.TRACKER
-    body = tracker.body_thread if tracker is not None else threading.get_ident()
+    body: int | None = tracker.body_thread if tracker is not None else threading.get_ident()
+    if not runs_the_body:
+        body = None
     sections = [
         _section("threads", lambda: _threads(body, frozenset(), main_frame, in_child=True)),
         _section("tasks", _tasks),

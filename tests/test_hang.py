@@ -188,6 +188,32 @@ def test_a_child_stuck_on_a_full_pipe_names_the_users_line(pytester: pytest.Pyte
     assert "_hooks.py" not in result.stdout.str()
 
 
+def test_a_process_the_body_forked_is_not_called_the_test_body(
+    pytester: pytest.Pytester,
+) -> None:
+    # A fork keeps the forking thread's ident, and the child inherits the report handler:
+    # its main thread must not be labelled as the body, which runs in its parent.
+    pytester.makepyfile(
+        """
+        import multiprocessing, time
+        import pytest
+
+        def work():
+            time.sleep(30)
+
+        @pytest.mark.backend("process")
+        def test_forks():
+            child = multiprocessing.get_context("fork").Process(target=work)
+            child.start()
+            child.join()
+        """
+    )
+    result = run(pytester, "--concur-timeout=1", "-W", "ignore::DeprecationWarning")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["Child processes:", "*Thread 'MainThread' (the test body):"])
+    assert result.stdout.str().count("(the test body)") == 1
+
+
 def test_default_deadline_without_pytest_timeout(pytester: pytest.Pytester) -> None:
     pytester.makeini("[pytest]\nconcur_timeout = 0.5\n")
     pytester.makepyfile(

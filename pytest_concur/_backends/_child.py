@@ -93,6 +93,7 @@ class Outcome:
 # handler yet is not killed by it.
 DUMP_SIGNAL = getattr(signal, "SIGURG", None)
 _STACKS: Any = None  # the open file the stacks go to; faulthandler keeps only its fd
+_BODY_PID: int | None = None  # the process that runs the body (not one it forked)
 # How long a stress-mode child waits for the others to start before it starts anyway.
 GO_TIMEOUT = 30.0
 
@@ -166,8 +167,9 @@ def _install_stack_dump(path: str) -> None:
     tasks), which the parent prefers when it comes. Appending: processes forked from this
     one inherit both handlers and the file.
     """
-    global _STACKS
+    global _STACKS, _BODY_PID
     assert DUMP_SIGNAL is not None
+    _BODY_PID = os.getpid()
     with contextlib.suppress(Exception):
         _STACKS = open(path, "a")  # noqa: SIM115 - open for the process's life
         signal.signal(DUMP_SIGNAL, _report_to_parent)
@@ -178,7 +180,8 @@ def _report_to_parent(signum: int, frame: types.FrameType | None) -> None:
     from pytest_concur import _hang
 
     with contextlib.suppress(Exception):
-        text = _hang.report_in_child(frame)
+        # A process the body forked inherits this handler: its threads are not the body.
+        text = _hang.report_in_child(frame, runs_the_body=os.getpid() == _BODY_PID)
         _STACKS.write(f"{_hang.REPORT_START}\n{text}\n{_hang.REPORT_END}\n")
         _STACKS.flush()
 
