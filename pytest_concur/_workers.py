@@ -448,8 +448,9 @@ class _ThreadRun(_Run):
         self.thread = threading.Thread(
             target=_ThreadBody(worker, context, fn, args, kwargs),
             name=worker.name,
-            # A worker nobody stops must not keep the interpreter alive at exit.
-            daemon=True,
+            # Not a daemon, as the threads of a plain run are not, so that the threads it
+            # starts are not either; one left running is guarded at exit (see _judge).
+            daemon=False,
         )
 
     def start(self) -> None:
@@ -1149,6 +1150,10 @@ class Concur:
                     f"{self._grace:g} s, but a thread cannot be stopped from outside: it is "
                     "left running"
                 )
+                from pytest_concur import _shutdown
+
+                # Reported; if it never ends, it must not hold the interpreter at exit.
+                _shutdown.guard(worker._runner().things())  # type: ignore[arg-type]
         errors: list[str] = []
         lines: list[str] = []
         for worker in workers:

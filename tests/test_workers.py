@@ -365,6 +365,28 @@ def test_forgets(concur, n):
     result.stdout.no_fnmatch_line("*still running*")
 
 
+def test_a_thread_workers_threads_are_what_they_are_in_a_plain_run(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        def start_one():
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            thread.join()
+            return threading.current_thread().daemon, thread.daemon
+
+        @pytest.mark.backend("thread", "asyncio")
+        def test_worker(concur):
+            assert concur.start(start_one).result(timeout=10) == (False, False)
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
 def test_cancel_stops_each_kind_of_worker(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         HELPERS
