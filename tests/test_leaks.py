@@ -671,3 +671,29 @@ def test_threads_the_body_starts_are_what_they_are_in_a_plain_run(
         """
     )
     run(pytester).assert_outcomes(passed=2)
+
+
+def test_a_manager_left_running_is_named_with_the_fix(pytester: pytest.Pytester) -> None:
+    pytester.makeini(FAST)
+    pytester.makepyfile(
+        """
+        import multiprocessing
+        import pytest
+
+        KEPT = []
+
+        @pytest.mark.backend("thread")
+        def test_keeps_a_manager():
+            KEPT.append(multiprocessing.Manager())
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: the test left 1 child process running",
+            "  Process 'SyncManager-*' (pid *, target=BaseManager._run_server) started at *:8*",
+            "*Shut down every multiprocessing manager (manager.shutdown(), or with "
+            "multiprocessing.Manager() as manager: ...)*",
+        ]
+    )

@@ -435,9 +435,16 @@ def _leak_report(leaked: list[_Child], owner: Owner = TEST) -> str:
         lines.append(f"  {child.describe()} started at {child.site}")
         child.stop()
     name = leaked[0].names()[0]
+    managers = any(child.target.endswith("Manager._run_server") for child in leaked)
+    how = (
+        "Shut down every multiprocessing manager (manager.shutdown(), or with "
+        "multiprocessing.Manager() as manager: ...) and join or wait for every process"
+        if managers
+        else "Join or wait for every process"
+    )
     lines.append(
         f"  pytest-concur stopped {'it' if len(leaked) == 1 else 'them'} (SIGTERM, then "
-        f"SIGKILL after {_TERMINATE_GRACE:g} s). Join or wait for every process {owner.who} "
+        f"SIGKILL after {_TERMINATE_GRACE:g} s). {how} {owner.who} "
         f'starts, or allow it: @pytest.mark.concur_allow(processes=["{name}"]).'
     )
     return "\n".join(lines)
