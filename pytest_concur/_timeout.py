@@ -215,8 +215,7 @@ def _in_cleanup(frame: FrameType | None) -> bool:
 
 _CLEANUP = {
     "pytest_concur._locks": ("tracking.__enter__", "tracking.__exit__", "tracking._restore"),
-    "pytest_concur._backends.base": ("_report",),
-    "pytest_concur._stress": ("_end_watches",),
+    "pytest_concur._backends.base": ("_report", "end_watches"),
     "pytest_concur._backends.process": (
         "_ProcessRunner.close",
         "_stop",
