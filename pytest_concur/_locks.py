@@ -485,6 +485,11 @@ class Tracker:
         with self._mutex:
             told = ident in self._told
             self._told.add(ident)
+        # Or it got the report another way: from a worker, through a future's result().
+        handling = sys.exc_info()[1]
+        while not told and handling is not None:
+            told = isinstance(handling, DeadlockError)
+            handling = handling.__context__
         if not told:
             return DeadlockError(verdict)
         headline = verdict.splitlines()[0]
@@ -597,20 +602,25 @@ class Tracker:
 
 
 # Threads an earlier test left running, reported as leaks (see the threads check).
-_LEFT_BEHIND: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+# Each with the number of bodies tracked when it was noted: it is an *earlier* test's
+# only once another body began.
+_LEFT_BEHIND: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
 _left_behind_lock = _real_allocate_lock()
+_bodies_begun = 0
 
 
 def note_left_behind(threads: Iterable[threading.Thread]) -> None:
     """These threads were reported as left running by a test: no later test's business."""
     with _left_behind_lock:
-        _LEFT_BEHIND.update(threads)
+        for thread in threads:
+            _LEFT_BEHIND[thread] = _bodies_begun
 
 
 def left_behind(thread: threading.Thread) -> bool:
     """Whether an earlier test left this thread running, and was failed for it."""
     with _left_behind_lock:
-        return thread in _LEFT_BEHIND
+        noted = _LEFT_BEHIND.get(thread)
+        return noted is not None and noted < _bodies_begun
 
 
 def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
@@ -817,7 +827,9 @@ class tracking:
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
-        global TRACKER, _ACTIVE
+        global TRACKER, _ACTIVE, _bodies_begun
+        with _left_behind_lock:
+            _bodies_begun += 1
         with _install_lock:
             if _ACTIVE is not None:
                 # A body that was abandoned (a timeout ended the wait for it) never ended its

@@ -348,10 +348,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    if call.excinfo is not None and BACKEND_NAME in item.stash:
+    if call.excinfo is not None and "pytest_concur._locks" in sys.modules:
         from pytest_concur._report import end_at_the_wait
 
-        end_at_the_wait(call.excinfo)
+        end_at_the_wait(call.excinfo)  # a deadlock or a hang, under a backend or not
     report = yield
     if call.when == "call" and BACKEND_NAME in item.stash:
         from pytest_concur._report import apply_longrepr

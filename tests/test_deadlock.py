@@ -780,9 +780,11 @@ def test_a_wait_on_the_way_out_is_ended_with_a_reminder_not_the_report_again(
     result = run(pytester)
     result.assert_outcomes(failed=1)
     name = "test_a_wait_on_the_way_out_is_ended_with_a_reminder_not_the_report_again.py"
+    # The report reaches the test's thread first through its own wait or, as the worker
+    # unwinds first, through the future's result(): either way once.
     result.stdout.fnmatch_lines(
         [
-            f"{name}:10: DeadlockError",
+            "*DeadlockError: pytest-concur: deadlock: every thread of the test is blocked*",
             "*(reported with this thread's first DeadlockError; this wait, joins thread "
             f"'ThreadPoolExecutor-*' at {name}:9 in test_nested_submit, was ended too*",
             f"{name}:9: DeadlockError",
@@ -822,3 +824,24 @@ def test_tasks_a_deadlock_stuck_are_not_reported_again_as_left_pending(
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*every task of the event loop waits*"])
     result.stdout.no_fnmatch_line("*left 2 tasks pending*")
+
+
+def test_under_check_all_a_plain_tests_failure_ends_at_the_users_wait_too(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+
+        def test_waits():
+            threading.Event().wait()
+        """
+    )
+    result = run(pytester, "--concur-check-all")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "test_under_check_all_a_plain_tests_failure_ends_at_the_users_wait_too.py:4: DeadlockError"
+        ]
+    )
+    result.stdout.no_fnmatch_line("*Wait until notified or until a timeout occurs*")
