@@ -126,7 +126,7 @@ def test_pending_tasks_are_shown_with_their_await_chain(pytester: pytest.Pyteste
 def test_children_of_the_test_are_shown(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
-        import multiprocessing, subprocess, sys, time
+        import atexit, multiprocessing, subprocess, sys, time
         import pytest
 
         def child_work():
@@ -140,6 +140,9 @@ def test_children_of_the_test_are_shown(pytester: pytest.Pytester) -> None:
             worker = ctx.Process(target=child_work, name="mp-child", daemon=True)
             worker.start()
             sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+            # The deadline ends the session before the finally below runs: do not leave
+            # the sleeper behind for an hour.
+            atexit.register(sleeper.kill)
             try:
                 time.sleep(30)
             finally:
