@@ -110,6 +110,12 @@ def main(
     In stress mode ``go`` is an event shared by the copies' children: each waits for it,
     so that the copies start together.
     """
+    # A process group of its own: if this child dies before it can end what it started,
+    # the parent still finds its children by the group (see process._stop). The body's
+    # stdin is already /dev/null (multiprocessing's bootstrap), so being out of the
+    # terminal's foreground group costs nothing; ^C reaches the parent, which ends us.
+    with contextlib.suppress(OSError):
+        os.setpgid(0, 0)
     if boot is not None:
         _bootstrap(boot)
     if DUMP_SIGNAL is not None:

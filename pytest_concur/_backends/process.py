@@ -365,7 +365,32 @@ def _stop(process: BaseProcess) -> None:
     process.join()
     if pid is not None:
         _hang.forget_stack_file(pid)
+        # A child that died (SIGKILL, a crash) before it ended its own children left them
+        # to init, where /proc no longer says whose they are; its process group does.
+        _end_group(pid)
     _end_orphans(below)
+
+
+def _end_group(pgid: int) -> None:
+    """End what is left of the process group the child led (its children and theirs).
+
+    The group cannot outlive its last member, and Linux does not hand out a pid that is
+    still some group's id, so ``pgid`` names the child's group as long as it exists.
+    """
+    if not hasattr(os, "killpg"):  # pragma: no cover - not POSIX
+        return
+    for sig in (signal.SIGTERM, getattr(signal, "SIGKILL", signal.SIGTERM)):
+        try:
+            os.killpg(pgid, sig)
+        except OSError:  # no such group: nothing was left (or it never formed one)
+            return
+        deadline = time.monotonic() + TERMINATE_GRACE
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except OSError:
+                return
+            time.sleep(0.02)
 
 
 def _end_orphans(pids: list[int]) -> None:
