@@ -303,11 +303,21 @@ def test_pytest_asyncio_fixtures_stay_with_pytest_asyncio(
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are new in 3.11")
-def test_asyncio_run_in_a_sync_body_under_asyncio_says_why_it_fails(
-    pytester: pytest.Pytester,
+@pytest.mark.parametrize(
+    ("run", "error"),
+    [
+        ("asyncio.run(coro)", "asyncio.run() cannot be called from a running event loop"),
+        (
+            "loop.run_until_complete(coro)",
+            "Cannot run the event loop while another loop is running",
+        ),
+    ],
+)
+def test_running_a_loop_in_a_sync_body_under_asyncio_says_why_it_fails(
+    pytester: pytest.Pytester, run: str, error: str
 ) -> None:
     pytester.makepyfile(
-        """
+        f"""
         import asyncio
         import pytest
 
@@ -317,17 +327,19 @@ def test_asyncio_run_in_a_sync_body_under_asyncio_says_why_it_fails(
         @pytest.mark.backend("thread", "asyncio")
         def test_runs_its_own_loop():
             coro = answer()
+            loop = asyncio.new_event_loop()
             try:
-                assert asyncio.run(coro) == 42
+                assert {run} == 42
             finally:
                 coro.close()
+                loop.close()
         """
     )
     result = pytester.runpytest()
     result.assert_outcomes(passed=1, failed=1)
     result.stdout.fnmatch_lines(
         [
-            "E  *RuntimeError: asyncio.run() cannot be called from a running event loop",
+            f"E  *RuntimeError: {error}",
             "E  *pytest-concur: under the asyncio backend a plain def test body runs inside the "
             "running event loop*@pytest.mark.backend(*thread*, *process*).",
         ]

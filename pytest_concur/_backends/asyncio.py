@@ -39,12 +39,18 @@ class _AsyncioRunner:
             cause = exc.__cause__
             if not call.is_async and isinstance(cause, StopIteration):
                 raise cause from None
-            if not call.is_async and "running event loop" in str(exc):
+            if not call.is_async and _meets_running_loop(str(exc)):
                 _explain_running_loop(exc)
             raise
 
     def close(self) -> None:
         pass
+
+
+def _meets_running_loop(message: str) -> bool:
+    # asyncio.run() and asyncio.Runner say the first; loop.run_until_complete() and
+    # run_forever() on a loop of the body's own say the second.
+    return "running event loop" in message or "another loop is running" in message
 
 
 def _explain_running_loop(exc: RuntimeError) -> None:
