@@ -358,6 +358,19 @@ def test_bad_marker_is_a_collection_error_of_its_module_only(
             "ERROR: --concur-backends was given an empty list; name one or more backends*",
             id="empty-option",
         ),
+        pytest.param(
+            ["--concur-claim=asyncio,trio"],
+            "",
+            "ERROR: pytest-concur: unknown name 'trio' in --concur-claim: it takes anyio, "
+            "asyncio (the async plugins whose tests pytest-concur can run)*",
+            id="unknown-claim",
+        ),
+        pytest.param(
+            [],
+            "concur_claim = pytest-asyncio",
+            "ERROR: pytest-concur: unknown name 'pytest-asyncio' in concur_claim (ini): *",
+            id="unknown-claim-ini",
+        ),
     ],
 )
 def test_bad_option_or_ini_is_a_usage_error(
