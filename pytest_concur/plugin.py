@@ -197,6 +197,9 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_fixtures, "concur-async-fixtures")
     # Registered after the async plugins, whose items its collection wrapper takes over.
     config.pluginmanager.register(_claim, "concur-claim")
+    from pytest_concur import _unittest
+
+    config.pluginmanager.register(_unittest, "concur-unittest")
     # After the async fixtures: its setup wrapper must see the fixture's own function.
     from pytest_concur._checks import fixtures as _fixture_checks
 
@@ -299,9 +302,8 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
-    # Backends parametrize test functions; unittest.TestCase methods are collected another
-    # way and run as they are. Say so rather than let --concur-backends look like it did
-    # something it did not.
+    # Say which async tests the backends left to another plugin, rather than let
+    # --concur-backends look like it did something it did not.
     if _marker.default_selection(config) is None:
         return None
     lines = [
@@ -309,12 +311,6 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
         f"{_claim.summary_hint(config, plugin)}"
         for plugin, count in _marker.left_to_others(config).items()
     ]
-    plain = sum(1 for item in items if type(item).__name__ == "TestCaseFunction")
-    if plain:
-        lines.append(
-            f"pytest-concur: {plain} unittest.TestCase test(s) run plainly: backends apply to "
-            "pytest-style test functions and methods"
-        )
     return "\n".join(lines) or None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import pytest
 
@@ -178,20 +179,6 @@ def with_async_plugins(monkeypatch: pytest.MonkeyPatch, pytester: pytest.Pyteste
     monkeypatch.delenv("PYTEST_ADDOPTS")
 
 
-def _outcomes(reprec: pytest.HookRecorder) -> dict[str, str]:
-    """Each item's outcome, by node id: passed, failed, skipped, xfailed or error."""
-    outcomes: dict[str, str] = {}
-    for report in reprec.getreports("pytest_runtest_logreport"):
-        assert isinstance(report, pytest.TestReport)
-        if report.when != "call" and report.failed:
-            outcomes[report.nodeid] = "error"
-        elif report.when == "call" or (report.when == "setup" and report.skipped):
-            xfail = hasattr(report, "wasxfail")
-            outcome = {"passed": "xpassed", "skipped": "xfailed"} if xfail else {}
-            outcomes.setdefault(report.nodeid, outcome.get(report.outcome, report.outcome))
-    return outcomes
-
-
 def _without_backend(nodeid: str, backend: str) -> str:
     """The node id the item has in a plain run: its backend's part of the id removed."""
     match = re.fullmatch(r"(.*)\[(.*)\]", nodeid)
@@ -208,7 +195,11 @@ def _without_backend(nodeid: str, backend: str) -> str:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("suite", list(SUITES))
 def test_claimed_suite_has_the_outcomes_of_its_plain_run(
-    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, suite: str, backend: str
+    pytester: pytest.Pytester,
+    monkeypatch: pytest.MonkeyPatch,
+    outcomes_of: Callable[[pytest.HookRecorder], dict[str, str]],
+    suite: str,
+    backend: str,
 ) -> None:
     claim, mode, source = SUITES[suite]
     pytester.makeini(
@@ -218,13 +209,13 @@ def test_claimed_suite_has_the_outcomes_of_its_plain_run(
     runs = pytester.path / "runs.txt"
     monkeypatch.setenv("CONCUR_RUNS", str(runs))
 
-    plain = _outcomes(pytester.inline_run("-p", "no:cacheprovider"))
+    plain = outcomes_of(pytester.inline_run("-p", "no:cacheprovider"))
     plain_runs = sorted(runs.read_text().splitlines())
     runs.unlink()
     claimed_run = pytester.inline_run(
         "-p", "no:cacheprovider", f"--concur-backends={backend}", f"--concur-claim={claim}"
     )
-    claimed = _outcomes(claimed_run)
+    claimed = outcomes_of(claimed_run)
 
     assert "failed" in plain.values()  # the suites fail somewhere: failures must come back
     assert {_without_backend(nodeid, backend): o for nodeid, o in claimed.items()} == plain
