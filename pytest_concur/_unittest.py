@@ -103,6 +103,31 @@ def _per_backend(config: pytest.Config, node: Any) -> list[Any]:
     return items
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
+    # --concur-check-all watches a test that runs plainly around pytest_pyfunc_call, which
+    # a TestCase method (unittest calls it) and a doctest never go through: give them the
+    # same watch around their call phase.
+    if not _called_by_their_own_runner(item):
+        return (yield)
+    from pytest_concur._checks import fixtures
+
+    yield from fixtures.pytest_pyfunc_call(item)  # type: ignore[arg-type]
+    return None
+
+
+def _called_by_their_own_runner(item: pytest.Item) -> bool:
+    if isinstance(item, pytest.DoctestItem):
+        return True
+    cls = getattr(item, "cls", None)
+    return (
+        isinstance(item, pytest.Function)
+        and not isinstance(item, TestCaseItem)
+        and isinstance(cls, type)
+        and issubclass(cls, unittest.TestCase)
+    )
+
+
 class TestCaseItem(pytest.Function):
     """One method of a ``unittest.TestCase`` run under one backend."""
 

@@ -281,3 +281,42 @@ def test_an_instance_that_cannot_travel_names_the_fix(pytester: pytest.Pytester)
             "the class.",
         ]
     )
+
+
+def test_check_all_watches_plain_testcase_methods_and_doctests(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        '''
+        import threading
+        import unittest
+
+        stop = threading.Event()
+
+        def leaky():
+            """
+            >>> import threading
+            >>> threading.Thread(target=stop.wait, name="doc-waiter", daemon=True).start()
+            """
+
+        class TestLeaks(unittest.TestCase):
+            def test_leaves_a_thread(self):
+                threading.Thread(target=stop.wait, name="ut-waiter", daemon=True).start()
+
+            def test_clean(self):
+                pass
+        '''
+    )
+    result = pytester.runpytest_subprocess("--doctest-modules", "--concur-check-all")
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ [[]doctest[]] test_check_all_watches_plain_testcase_methods_and_doctests.leaky _*",
+            "pytest-concur: the test left 1 thread running",
+            "  Thread 'doc-waiter' (target=Event.wait, daemon) started at <doctest *",
+            "*_ TestLeaks.test_leaves_a_thread _*",
+            "pytest-concur: the test left 1 thread running",
+            "  Thread 'ut-waiter' (target=Event.wait, daemon) started at *.py:14 in "
+            "TestLeaks.test_leaves_a_thread",
+        ]
+    )
+    # Without the option, they run plainly and unwatched, as before.
+    pytester.runpytest_subprocess("--doctest-modules").assert_outcomes(passed=3)
