@@ -187,8 +187,8 @@ class ClaimedFunction(pytest.Function):
 
     def runtest(self) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        if self.stash.get(CLAIMED, None) == "anyio":
-            _check_anyio_backend(self, self.funcargs.get("anyio_backend"))
+        if self.stash.get(CLAIMED, None) == "anyio" and "anyio_backend" in self.funcargs:
+            _check_anyio_backend(self, self.funcargs["anyio_backend"])
         config = self.config
         call = config.stash.get(_PYFUNC_CALL, None)
         if call is None:
