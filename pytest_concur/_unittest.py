@@ -142,6 +142,12 @@ class TestCaseItem(pytest.Function):
         """The TestCase instance of this run (``request.instance`` of its fixtures)."""
         return self._case
 
+    @property
+    def _testcase(self) -> Any:
+        # Where older pytest 8 releases (8.0 among them) look for a unittest item's instance (for
+        # request.instance, and so setUpClass's fixture): the name their own items provide.
+        return self._case
+
     def setup(self) -> None:
         cls = self.cls
         assert cls is not None
