@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 
+from pytest_concur import _claim
 from pytest_concur._loop import LoopRunner, item_loop
 from pytest_concur._state import CURRENT_ITEM, backend_of
 
@@ -36,7 +37,9 @@ def pytest_fixture_setup(
     item = request.config.stash.get(CURRENT_ITEM, None)
     if not is_async_fixture(func) or item is None or backend_of(item) is None:
         return (yield)
-    if _claimed_by_pytest_asyncio(func, request.config):
+    if _claimed_by_pytest_asyncio(func, request.config) and not _claim.runs_fixture(
+        item, fixturedef
+    ):
         return (yield)
     target = _bind(func, request)
     if fixturedef.scope == "function":
@@ -44,6 +47,9 @@ def pytest_fixture_setup(
         driver = _drive(target, runner, own_loop=False)
     else:
         driver = _drive(target, LoopRunner(), own_loop=True)
+    # functools.wraps copied pytest-asyncio's mark (in the function's __dict__) onto the
+    # driver: drop it, or pytest-asyncio would run our synchronous driver on a loop of its own.
+    vars(driver).pop("_force_asyncio_fixture", None)
     fixturedef.func = driver  # type: ignore[misc]
     try:
         return (yield)

@@ -18,6 +18,7 @@ from typing import NoReturn, final
 
 import pytest
 
+from pytest_concur import _claim
 from pytest_concur._registry import BackendRegistry
 
 MARKER = "backend"
@@ -184,6 +185,9 @@ def claimed_by(function: pytest.Function) -> str | None:
     """The other plugin that runs this async test, if one does."""
     if not inspect.iscoroutinefunction(function.obj):
         return None
+    claim = _claim.decide(function)  # --concur-claim: ours, or left with the reason
+    if claim is not None:
+        return claim.left_to
     config = function.config
     for marker, (plugin, name) in _OTHER_RUNNERS.items():
         # A marker whose plugin is not loaded (-p no:asyncio, not installed) runs nothing.

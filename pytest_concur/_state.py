@@ -8,6 +8,8 @@ import pytest
 CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
 # Items that run under a backend, stashed with their backend's name at setup.
 BACKEND_NAME = pytest.StashKey[str]()
+# The autouse fixture whose parameter is the backend an item runs under (plugin.py).
+BACKEND_FIXTURE = "concur_backend"
 
 
 def backend_of(item: pytest.Item) -> str | None:

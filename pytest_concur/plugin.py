@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur import _fixtures, _marker, _registry
-from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM
+from pytest_concur import _claim, _fixtures, _marker, _registry
+from pytest_concur._state import BACKEND_FIXTURE, BACKEND_NAME, CURRENT_ITEM
 
 if TYPE_CHECKING:
     from pytest_concur._workers import Concur
 
-FIXTURE = "concur_backend"
+FIXTURE = BACKEND_FIXTURE
 _RUNNER = pytest.StashKey[Any]()
 
 
@@ -65,6 +65,20 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Deadline of each test that runs under a backend when pytest-timeout sets none "
         "for it (0: none); at the deadline the test fails with a report of every thread, "
         "task and child process. Overrides the concur_timeout ini key (default 120).",
+    )
+    group.addoption(
+        "--concur-claim",
+        dest="concur_claim",
+        metavar="PLUGINS",
+        default=None,
+        help="Run under the backends the async tests these plugins would run: asyncio "
+        "(pytest-asyncio), anyio, or both (asyncio,anyio). Overrides the concur_claim ini key.",
+    )
+    parser.addini(
+        "concur_claim",
+        "Async plugins whose tests pytest-concur runs under the backends: asyncio, anyio "
+        "(separated by commas or spaces); empty leaves their tests to them.",
+        default="",
     )
     parser.addini(
         "concur_timeout",
@@ -181,6 +195,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_backends, "concur-builtin-backends")
     config.pluginmanager.register(_checks, "concur-builtin-checks")
     config.pluginmanager.register(_fixtures, "concur-async-fixtures")
+    # Registered after the async plugins, whose items its collection wrapper takes over.
+    config.pluginmanager.register(_claim, "concur-claim")
+    from pytest_concur import _unittest
+
+    config.pluginmanager.register(_unittest, "concur-unittest")
     # After the async fixtures: its setup wrapper must see the fixture's own function.
     from pytest_concur._checks import fixtures as _fixture_checks
 
@@ -283,21 +302,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
-    # Backends parametrize test functions; unittest.TestCase methods are collected another
-    # way and run as they are. Say so rather than let --concur-backends look like it did
-    # something it did not.
+    # Say which async tests the backends left to another plugin, rather than let
+    # --concur-backends look like it did something it did not.
     if _marker.default_selection(config) is None:
         return None
     lines = [
         f"pytest-concur: {count} async test(s) left to {plugin}, which runs them"
+        f"{_claim.summary_hint(config, plugin)}"
         for plugin, count in _marker.left_to_others(config).items()
     ]
-    plain = sum(1 for item in items if type(item).__name__ == "TestCaseFunction")
-    if plain:
-        lines.append(
-            f"pytest-concur: {plain} unittest.TestCase test(s) run plainly: backends apply to "
-            "pytest-style test functions and methods"
-        )
     return "\n".join(lines) or None
 
 

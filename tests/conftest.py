@@ -12,6 +12,7 @@ import concurrent.futures.thread  # noqa: F401
 import multiprocessing.pool
 import multiprocessing.synchronize  # noqa: F401
 import subprocess  # noqa: F401
+from collections.abc import Callable
 
 import pytest
 
@@ -40,3 +41,23 @@ def _isolate_inner_runs(request: pytest.FixtureRequest, monkeypatch: pytest.Monk
         # should print what a developer's terminal shows, wherever this suite runs.
         monkeypatch.delenv("CI", raising=False)
         monkeypatch.delenv("BUILD_NUMBER", raising=False)
+
+
+def _outcomes_of(reprec: pytest.HookRecorder) -> dict[str, str]:
+    outcomes: dict[str, str] = {}
+    for report in reprec.getreports("pytest_runtest_logreport"):
+        assert isinstance(report, pytest.TestReport)
+        if report.when != "call" and report.failed:
+            outcomes[report.nodeid] = "error"
+        elif report.when == "call" or (report.when == "setup" and report.skipped):
+            xfail = hasattr(report, "wasxfail")
+            outcome = {"passed": "xpassed", "skipped": "xfailed"} if xfail else {}
+            outcomes.setdefault(report.nodeid, outcome.get(report.outcome, report.outcome))
+    return outcomes
+
+
+@pytest.fixture
+def outcomes_of() -> Callable[[pytest.HookRecorder], dict[str, str]]:
+    """Each item's outcome in an inline run, by node id: passed, failed, skipped, xfailed,
+    xpassed or error (a failed setup or teardown), to compare two runs item by item."""
+    return _outcomes_of

@@ -358,6 +358,19 @@ def test_bad_marker_is_a_collection_error_of_its_module_only(
             "ERROR: --concur-backends was given an empty list; name one or more backends*",
             id="empty-option",
         ),
+        pytest.param(
+            ["--concur-claim=asyncio,trio"],
+            "",
+            "ERROR: pytest-concur: unknown name 'trio' in --concur-claim: it takes anyio, "
+            "asyncio (the async plugins whose tests pytest-concur can run)*",
+            id="unknown-claim",
+        ),
+        pytest.param(
+            [],
+            "concur_claim = pytest-asyncio",
+            "ERROR: pytest-concur: unknown name 'pytest-asyncio' in concur_claim (ini): *",
+            id="unknown-claim-ini",
+        ),
     ],
 )
 def test_bad_option_or_ini_is_a_usage_error(
@@ -404,27 +417,3 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-v", "-p", "no:concur")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*::test_x PASSED*"])
-
-
-def test_option_says_it_leaves_unittest_tests_alone(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile(
-        """
-        import unittest
-
-        class TestOld(unittest.TestCase):
-            def test_a(self):
-                pass
-
-            def test_b(self):
-                pass
-
-        def test_new():
-            pass
-        """
-    )
-    result = pytester.runpytest("--concur-backends=thread")
-    result.assert_outcomes(passed=3)
-    result.stdout.fnmatch_lines(
-        ["pytest-concur: 2 unittest.TestCase test(s) run plainly: backends apply to pytest-style*"]
-    )
-    assert "unittest.TestCase test(s)" not in pytester.runpytest().stdout.str()
