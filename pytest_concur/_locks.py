@@ -313,6 +313,7 @@ class Wait:
     ident: int = 0
     site: str = ""
     call: tuple[str, object] | None = None
+    began: float = 0.0  # time.monotonic() when the wait was registered
 
     def still_blocked(self) -> bool:
         if self.kind == "join":
@@ -427,6 +428,7 @@ class Tracker:
         frame = sys._getframe(2)
         wait.site = user_site(frame)
         wait.call = _blocking_call(frame)
+        wait.began = time.monotonic()
         deadline = None if wait.timeout is None else time.monotonic() + wait.timeout
         with self._mutex:
             self.waits[wait.ident] = wait
@@ -660,6 +662,9 @@ def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str
         wait = waits[ident]
         lines.append(f"  thread {_thread_name(ident)} {wait.describe()}")
         lines.append(f"    at {wait.site}")
+    # How quickly it was found (the summary's and the JUnit XML's detection latency).
+    latency = (time.monotonic() - max(waits[ident].began for ident in idents)) * 1000
+    lines.append(f"  found {latency:.1f} ms after the last of these waits began")
     for ident in idents:
         frame = frames.get(ident)
         if frame is None:

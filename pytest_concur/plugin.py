@@ -123,6 +123,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "returned before it is reported as left running (default 1.0).",
         default="1.0",
     )
+    group.addoption(
+        "--concur-report",
+        dest="concur_report",
+        metavar="FILE",
+        default=None,
+        help="Write what pytest-concur saw (each backend test's outcome and findings, the "
+        "counts per backend) to FILE as JSON, for CI tools; the schema is in docs/report.md.",
+    )
     # Checks around every test and every fixture (pytest_concur/_checks/fixtures.py).
     group.addoption(
         "--concur-check-all",
@@ -175,7 +183,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
         "0.1); 0 turns the check off.",
     )
-    from pytest_concur import _backends, _checks, _timeout
+    from pytest_concur import _backends, _checks, _summary, _timeout
+
+    config.pluginmanager.register(_summary, "concur-summary")
+    config.pluginmanager.register(_summary.Collector(config), "concur-summary-collector")
 
     config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
