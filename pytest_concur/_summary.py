@@ -68,7 +68,9 @@ BACKEND_PROPERTY: Final = "concur_backend"
 FINDING_PROPERTY: Final = "concur_finding"
 LATENCY_PROPERTY: Final = "concur_detection_ms"
 REPORT_OPTION: Final = "--concur-report"
-SCHEMA: Final = "https://pytest-concur.invalid/report/1"
+# The document's kind and the version of its schema (docs/report.schema.json): bumped when a
+# field is removed or changes meaning, or a new kind of finding or outcome may appear.
+REPORT_KIND: Final = "pytest-concur report"
 SCHEMA_VERSION: Final = 1
 
 
@@ -303,7 +305,7 @@ def report_data(config: pytest.Config) -> dict[str, Any]:
     done = records(config)
     backends = _backends(config, done)
     return {
-        "$schema": SCHEMA,
+        "report": REPORT_KIND,
         "version": SCHEMA_VERSION,
         "backends": backends,
         "outcomes": {
