@@ -47,13 +47,14 @@ TERMINATE_GRACE = 2.0
 
 def start_method(config: pytest.Config) -> str:
     """The start method chosen by option or ini (``auto`` by default); a usage error if unknown."""
-    value = config.getoption("concur_start_method") or config.getini(START_METHOD_INI)
+    option = config.getoption("concur_start_method")
+    value = option or config.getini(START_METHOD_INI)
     method = str(value or "auto")
     if method not in START_METHODS:
+        where = START_METHOD_OPTION if option else f"the {START_METHOD_INI} ini key"
         raise pytest.UsageError(
-            f"unknown start method {method!r} for the process backend "
-            f"({START_METHOD_OPTION} / {START_METHOD_INI}); choose one of: "
-            f"{', '.join(START_METHODS)}."
+            f"unknown start method {method!r} for the process backend (in {where}); "
+            f"choose one of: {', '.join(START_METHODS)}."
         )
     return method
 
