@@ -478,6 +478,30 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*::test_x PASSED*"])
 
 
+def test_turned_off_with_its_ini_keys_under_strict_config_as_the_readme_says(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nconcur_backends = thread\nconcur_timeout = 30\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("-p", "no:concur", "--strict-config")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: Unknown config option: concur_backends"])
+    # The README's conftest.py: the keys declared while the plugin is off.
+    pytester.makeconftest(
+        """
+        def pytest_addoption(parser, pluginmanager):
+            if pluginmanager.is_blocked("concur"):
+                for key in ("concur_backends", "concur_timeout"):
+                    parser.addini(key, "pytest-concur's, unused while it is off")
+        """
+    )
+    pytester.runpytest("-p", "no:concur", "--strict-config").assert_outcomes(passed=1)
+    # And with the plugin on, the same conftest is a no-op.
+    result = pytester.runpytest("--strict-config", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*::test_x[[]thread[]] PASSED*"])
+
+
 def test_option_says_it_leaves_unittest_tests_alone(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """
