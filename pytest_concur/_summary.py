@@ -25,7 +25,8 @@ import dataclasses
 import json
 import os
 import re
-from collections.abc import Generator, Iterable
+import sys
+from collections.abc import Generator, Iterable, Sequence
 from typing import Any, Final, final
 
 import pytest
@@ -99,6 +100,13 @@ def pytest_runtest_makereport(
         # Before the report is made from the item's list: every phase's report has it.
         item.user_properties.append((BACKEND_PROPERTY, name))
     report = yield
+    if "pytest_concur._locks" in sys.modules:
+        from pytest_concur import _locks
+
+        graphs = _locks.take_graphs()
+        if graphs:
+            # Plain data on the report: xdist's serialisation keeps it (see the module).
+            report.concur_graphs = graphs  # type: ignore[attr-defined]
     if name is None or not report.failed:
         return report
     text = report.longreprtext
@@ -131,9 +139,15 @@ class Record:
     findings: list[str] = dataclasses.field(default_factory=list)
     detection_ms: float | None = None
     duration: float = 0.0
+    # (phase, pytest's failure text) of each phase that failed, for the HTML report.
+    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    # The deadlock check's wait-for graphs (see _locks.wait_for_graph).
+    graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 _RECORDS = pytest.StashKey[dict[str, Record]]()
+# Under xdist: each nodeid's place in the collection, as the workers reported it.
+_ORDER = pytest.StashKey[dict[str, int]]()
 # How bad an outcome is: a later phase's outcome replaces an earlier one only if worse.
 _RANK: Final = {"passed": 0, "xpassed": 0, "skipped": 1, "xfailed": 1, "failed": 2, "error": 3}
 OUTCOMES: Final = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -146,6 +160,7 @@ class Collector:
     def __init__(self, config: pytest.Config) -> None:
         self.config = config
         self.records: dict[str, Record] = config.stash.setdefault(_RECORDS, {})
+        self.written: list[str] = []  # the files of --concur-report and --concur-html
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         properties = [entry for entry in report.user_properties if len(entry) == 2]
@@ -157,6 +172,11 @@ class Collector:
             test = _without_backend(report.nodeid, backend)
             record = self.records[report.nodeid] = Record(report.nodeid, test, backend)
         record.duration += report.duration
+        if report.failed:
+            record.failures.append((str(report.when), report.longreprtext))
+        for graph in getattr(report, "concur_graphs", None) or ():
+            if isinstance(graph, dict) and graph not in record.graphs:
+                record.graphs.append(graph)
         for key, value in properties:
             if key == FINDING_PROPERTY and value not in record.findings:
                 record.findings.append(str(value))
@@ -166,6 +186,14 @@ class Collector:
         if outcome is not None and _RANK[outcome] >= _RANK[record.outcome]:
             record.outcome = outcome
 
+    @pytest.hookimpl(optionalhook=True)
+    def pytest_xdist_node_collection_finished(self, node: Any, ids: Sequence[str]) -> None:
+        # Reports come in the order the workers finish them: list the tests in the order
+        # they were collected instead, the same whatever the scheduling.
+        order = self.config.stash.setdefault(_ORDER, {})
+        for nodeid in ids:
+            order.setdefault(nodeid, len(order))
+
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
         config = self.config
         if hasattr(config, "workerinput"):
@@ -173,6 +201,7 @@ class Collector:
         reportchars = getattr(config.option, "reportchars", "") or ""
         matrix = "A" in reportchars or config.get_verbosity() >= 2
         lines = summary_lines(config, matrix)
+        lines.extend(f"written: {path}" for path in self.written)
         if not lines:
             return
         terminalreporter.write_sep("=", "pytest-concur summary")
@@ -182,10 +211,17 @@ class Collector:
     @pytest.hookimpl(trylast=True)
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         config = self.config
+        if hasattr(config, "workerinput"):
+            return  # the controller writes the files, from every worker's reports
+        here = config.invocation_params.dir
         path = config.getoption("concur_report", None)
-        if not path or hasattr(config, "workerinput"):
-            return
-        write_report(config, os.path.join(config.invocation_params.dir, path))
+        if path:
+            self.written.append(write_report(config, os.path.join(here, path)))
+        page = config.getoption("concur_html", None)
+        if page:
+            from pytest_concur import _html
+
+            self.written.append(_html.write(config, records(config), os.path.join(here, page)))
 
 
 def _outcome(report: pytest.TestReport) -> str | None:
@@ -215,11 +251,15 @@ def _without_backend(nodeid: str, backend: str) -> str:
 
 
 def records(config: pytest.Config) -> list[Record]:
-    """The items that ran under a backend, in the order their first report came."""
-    return list(config.stash.get(_RECORDS, {}).values())
+    """The items that ran under a backend, in the order they were collected."""
+    done = list(config.stash.get(_RECORDS, {}).values())
+    order = config.stash.get(_ORDER, None)
+    if order:  # else they ran, and were reported, in that order
+        done.sort(key=lambda record: order.get(record.nodeid, len(order)))
+    return done
 
 
-def _backends(config: pytest.Config, done: list[Record]) -> list[str]:
+def backend_names(config: pytest.Config, done: list[Record]) -> list[str]:
     """The backends that ran, in the registry's order (under xdist reports come any way)."""
     from pytest_concur._registry import REGISTRY
 
@@ -238,21 +278,21 @@ def summary_lines(config: pytest.Config, matrix: bool) -> list[str]:
     done = records(config)
     if not done:
         return []
-    backends = _backends(config, done)
+    backends = backend_names(config, done)
     width = max(len(name) for name in backends) + 1
     lines = []
     for backend in backends:
-        counts = _count(record.outcome for record in done if record.backend == backend)
+        counts = count(record.outcome for record in done if record.backend == backend)
         lines.append(f"{backend + ':':<{width}} {counts}")
-    lines.append(f"findings: {_count(k for r in done for k in r.findings) or 'none'}")
-    differing = _differing(done)
-    if differing:
-        lines.append(f"outcome differs between backends ({len(differing)}):")
-        for test, cells in differing[:_MAX_LISTED]:
+    lines.append(f"findings: {count(k for r in done for k in r.findings) or 'none'}")
+    listed = differing(done)
+    if listed:
+        lines.append(f"outcome differs between backends ({len(listed)}):")
+        for test, cells in listed[:_MAX_LISTED]:
             outcomes = ", ".join(f"{b} {cells[b]}" for b in backends if b in cells)
             lines.append(f"  {test}: {outcomes}")
-        if len(differing) > _MAX_LISTED:
-            lines.append(f"  ... and {len(differing) - _MAX_LISTED} more (-rA shows every test)")
+        if len(listed) > _MAX_LISTED:
+            lines.append(f"  ... and {len(listed) - _MAX_LISTED} more (-rA shows every test)")
     if matrix:
         lines.append("")
         lines.extend(_matrix(done, backends))
@@ -266,26 +306,26 @@ def _tally(names: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def _count(names: Iterable[str]) -> str:
+def count(names: Iterable[str]) -> str:
     """``2 passed, 1 failed``, in the order of :data:`OUTCOMES` and :data:`KINDS`."""
     order = {name: index for index, name in enumerate(OUTCOMES + KINDS)}
     counts = sorted(_tally(names).items(), key=lambda item: order.get(item[0], len(order)))
     return ", ".join(f"{count} {name}" for name, count in counts)
 
 
-def _by_test(done: list[Record]) -> dict[str, dict[str, str]]:
+def by_test(done: list[Record]) -> dict[str, dict[str, str]]:
     tests: dict[str, dict[str, str]] = {}
     for record in done:
         tests.setdefault(record.test, {})[record.backend] = record.outcome
     return tests
 
 
-def _differing(done: list[Record]) -> list[tuple[str, dict[str, str]]]:
-    return [(test, cells) for test, cells in _by_test(done).items() if len(set(cells.values())) > 1]
+def differing(done: list[Record]) -> list[tuple[str, dict[str, str]]]:
+    return [(test, cells) for test, cells in by_test(done).items() if len(set(cells.values())) > 1]
 
 
 def _matrix(done: list[Record], backends: list[str]) -> list[str]:
-    tests = _by_test(done)
+    tests = by_test(done)
     first = max(len("test"), *(len(test) for test in tests))
     width = max(*(len(b) for b in backends), *(len(o) for o in OUTCOMES))
 
@@ -303,7 +343,7 @@ def _matrix(done: list[Record], backends: list[str]) -> list[str]:
 def report_data(config: pytest.Config) -> dict[str, Any]:
     """The ``--concur-report`` document (schema: docs/report.schema.json)."""
     done = records(config)
-    backends = _backends(config, done)
+    backends = backend_names(config, done)
     return {
         "report": REPORT_KIND,
         "version": SCHEMA_VERSION,
@@ -312,7 +352,7 @@ def report_data(config: pytest.Config) -> dict[str, Any]:
             backend: _tally(r.outcome for r in done if r.backend == backend) for backend in backends
         },
         "findings": _tally(kind for record in done for kind in record.findings),
-        "differing": [test for test, _ in _differing(done)],
+        "differing": [test for test, _ in differing(done)],
         "tests": [
             {
                 "nodeid": record.nodeid,
@@ -328,10 +368,15 @@ def report_data(config: pytest.Config) -> dict[str, Any]:
     }
 
 
-def write_report(config: pytest.Config, path: str) -> None:
-    """Write the ``--concur-report`` document to ``path``."""
+def write_report(config: pytest.Config, path: str) -> str:
+    """Write the ``--concur-report`` document to ``path``; the absolute path."""
+    return write_file(path, json.dumps(report_data(config), indent=2) + "\n")
+
+
+def write_file(path: str, text: str) -> str:
+    """Write ``text`` to ``path``, making its directories; the absolute path."""
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w", encoding="utf-8") as stream:
-        json.dump(report_data(config), stream, indent=2)
-        stream.write("\n")
+        stream.write(text)
+    return path

@@ -140,6 +140,15 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="Write what pytest-concur saw (each backend test's outcome and findings, the "
         "counts per backend) to FILE as JSON, for CI tools; the schema is in docs/report.md.",
     )
+    group.addoption(
+        "--concur-html",
+        dest="concur_html",
+        metavar="FILE",
+        default=None,
+        help="Write a self-contained HTML page of what pytest-concur saw to FILE: the "
+        "summary, each finding with its stacks folded, and the wait-for graph of each "
+        "deadlock and lock-order inversion.",
+    )
     # Checks around every test and every fixture (pytest_concur/_checks/fixtures.py).
     group.addoption(
         "--concur-check-all",

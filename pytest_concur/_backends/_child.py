@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from pytest_concur import _locks
 from pytest_concur._backends.base import run_watched, run_watched_async
 from pytest_concur._report import end_at_the_wait
 
@@ -90,6 +91,8 @@ class Outcome:
     stdout: str = ""  # only what a ``--capture=sys`` parent could not see through the fd
     stderr: str = ""
     site: str = ""  # file:line that raised, to tell stress-mode copies' failures apart
+    # The deadlock check's wait-for graphs (see _locks.note_graphs), for the parent's report.
+    graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # The parent sends this when it gives up on the child (a timeout): dump every thread's stack
@@ -154,6 +157,7 @@ def main(
         else:
             outcome = Outcome(passed=True)
     outcome.warnings = [_warning(w) for w in caught or ()]
+    outcome.graphs = _locks.take_graphs()
     outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
     # The interpreter's own streams may hold output echoed to them (--capture=tee-sys);
     # a forked child leaves through os._exit, which would drop their buffers.

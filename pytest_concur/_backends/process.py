@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
-from pytest_concur import _hang
+from pytest_concur import _hang, _locks
 from pytest_concur._backends import _child
 from pytest_concur._backends.base import BodyCall
 
@@ -457,6 +457,7 @@ def _replay(outcome: _child.Outcome) -> None:
     """Give the child's warnings and sys-captured output to this process's pytest."""
     _forward(outcome.stdout, sys.stdout)
     _forward(outcome.stderr, sys.stderr)
+    _locks.note_graphs(outcome.graphs)
     for message, category_bytes, filename, lineno in outcome.warnings:
         category: type[Warning] = UserWarning
         if category_bytes is not None:
