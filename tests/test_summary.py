@@ -162,6 +162,7 @@ FINDINGS = """
         time.sleep(0.3)
 
     @pytest.mark.backend("thread")
+    @pytest.mark.timeout(1)
     def test_hang():
         while True:
             time.sleep(0.01)
@@ -175,9 +176,7 @@ FINDINGS = """
 @XDIST
 def test_summary_counts_each_kind_of_finding(pytester: pytest.Pytester, xdist: list[str]) -> None:
     pytester.makepyfile(FINDINGS)
-    result = pytester.runpytest_subprocess(
-        "--concur-timeout=2", "-o", "concur_leak_grace=0.2", *xdist, timeout=120
-    )
+    result = pytester.runpytest_subprocess("-o", "concur_leak_grace=0.2", *xdist, timeout=120)
     result.assert_outcomes(failed=8)
     result.stdout.fnmatch_lines(
         [

@@ -368,15 +368,16 @@ def _stop(process: BaseProcess) -> None:
     (on Linux, where /proc tells who they are).
     """
     pid = process.pid
-    below = _hang.descendants(pid) if pid is not None and process.is_alive() else []
+    if pid is None:
+        return  # never started: a deadline struck while it was being started
+    below = _hang.descendants(pid) if process.is_alive() else []
     if process.is_alive():
         process.terminate()
         process.join(TERMINATE_GRACE)
         if process.is_alive():
             process.kill()
     process.join()
-    if pid is not None:
-        _hang.forget_stack_file(pid)
+    _hang.forget_stack_file(pid)
     _end_orphans(below)
 
 
