@@ -342,7 +342,7 @@ def waits_for_body(frame: FrameType | None) -> bool:
     return False
 
 
-def _filter_dump(text: str) -> str:
+def filter_dump(text: str) -> str:
     """A faulthandler dump without the frames of :data:`_NOISE`.
 
     Its stacks list the most recent call first: a child's start ends what is kept of each.
@@ -546,7 +546,7 @@ def _child_stacks(pid: int, deadline: float) -> str:
     if path is not None and DUMP_SIGNAL is not None and time.monotonic() < deadline:
         text = ask_for_stacks(pid, path, min(_CHILD_WAIT, deadline - time.monotonic()))
         if text:
-            return _filter_dump(text)
+            return filter_dump(text)
     return "(no Python stacks: not a process pytest-concur can ask, or it did not answer)"
 
 

@@ -313,6 +313,7 @@ class Wait:
     ident: int = 0
     site: str = ""
     call: tuple[str, object] | None = None
+    began: float = 0.0  # time.monotonic() when the wait was registered
 
     def still_blocked(self) -> bool:
         if self.kind == "join":
@@ -377,13 +378,17 @@ class Tracker:
         self.handler_installed = False
         self.waits: dict[int, Wait] = {}
         self.verdict: str | None = None
+        self.graph: dict[str, Any] | None = None  # the verdict's, as data
         # Set when the test is given up on at its deadline (see _hang.release).
         self.abandoned: str | None = None
         # Threads a DeadlockError with the whole verdict was raised in.
         self._told: set[int] = set()
         # Lock order (lockdep): (first, then) -> where "then" was taken while holding "first".
         self.order: dict[tuple[int, int], tuple[TrackedLock, TrackedLock, str]] = {}
+        # Who took "then" while holding "first", by the same keys (for the graphs).
+        self.order_threads: dict[tuple[int, int], str] = {}
         self.inversions: list[str] = []
+        self.inversion_graphs: list[dict[str, Any]] = []
         self.held: dict[int, list[TrackedLock]] = {}
         self.foreign_at_start = {
             t.ident for t in threading.enumerate() if t.ident not in passive_threads
@@ -405,9 +410,16 @@ class Tracker:
             site = user_site(sys._getframe(2), with_caller=True)
             with self._mutex:
                 self.order[key] = (first, lock, site)
+                self.order_threads[key] = threading.current_thread().name
                 reverse = self.order.get((id(lock), id(first)))
                 if reverse is not None:
                     self.inversions.append(_inversion_report(first, lock, site, reverse[2]))
+                    earlier = self.order_threads.get((id(lock), id(first)), "")
+                    self.inversion_graphs.append(
+                        _inversion_graph(
+                            (first, lock), (earlier, reverse[2]), (self.order_threads[key], site)
+                        )
+                    )
         held.append(lock)
 
     def note_released(self, lock: TrackedLock, owner: int) -> None:
@@ -427,6 +439,7 @@ class Tracker:
         frame = sys._getframe(2)
         wait.site = user_site(frame)
         wait.call = _blocking_call(frame)
+        wait.began = time.monotonic()
         deadline = None if wait.timeout is None else time.monotonic() + wait.timeout
         with self._mutex:
             self.waits[wait.ident] = wait
@@ -469,6 +482,7 @@ class Tracker:
             with self._mutex:
                 if self.verdict is None:
                     self.verdict = _render(finding, waits)
+                    self.graph = wait_for_graph(finding, waits, self.verdict)
         if self.verdict is not None:
             raise self._deadlock_error(wait)
 
@@ -660,6 +674,9 @@ def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str
         wait = waits[ident]
         lines.append(f"  thread {_thread_name(ident)} {wait.describe()}")
         lines.append(f"    at {wait.site}")
+    # How quickly it was found (the summary's and the JUnit XML's detection latency).
+    latency = (time.monotonic() - max(waits[ident].began for ident in idents)) * 1000
+    lines.append(f"  found {latency:.1f} ms after the last of these waits began")
     for ident in idents:
         frame = frames.get(ident)
         if frame is None:
@@ -670,6 +687,124 @@ def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str
 
         lines.extend(stack_lines(frame))
     return "\n".join(lines)
+
+
+def wait_for_graph(
+    finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait], verdict: str
+) -> dict[str, Any]:
+    """The deadlock as plain data: its threads and locks, and who holds and waits for what.
+
+    ``{"kind", "title", "nodes": [{"id", "type", "label", "detail"}], "edges": [{"from",
+    "to", "label"}]}``: node types ``thread`` and ``lock`` (a lock, or the ``Event``,
+    ``Condition``, ``Queue``... built on one), edge labels ``waits for``, ``holds`` and
+    ``joins``. JSON-serialisable, so it reaches an xdist controller with the report.
+    """
+    nodes: dict[str, dict[str, str]] = {}
+    edges: list[dict[str, str]] = []
+
+    def thread_node(ident: int) -> str:
+        key = f"thread-{ident}"
+        if key not in nodes:
+            wait = waits.get(ident)
+            nodes[key] = {
+                "id": key,
+                "type": "thread",
+                "label": _thread_name(ident).strip("'"),
+                "detail": f"at {wait.site}" if wait is not None else "",
+            }
+        return key
+
+    for ident in finding[1]:
+        wait = waits[ident]
+        me = thread_node(ident)
+        if wait.kind == "join":
+            if wait.thread is not None and wait.thread.ident is not None:
+                edges.append({"from": me, "to": thread_node(wait.thread.ident), "label": "joins"})
+            continue
+        lock = wait.lock
+        if lock is None:
+            continue
+        key = f"lock-{id(lock)}"
+        if wait.call is not None:
+            kind, obj = wait.call
+            label, detail = kind, _describe_sync(obj)
+        else:
+            label, detail = ("RLock" if lock._reentrant else "Lock"), f"created at {lock.site}"
+        nodes.setdefault(key, {"id": key, "type": "lock", "label": label, "detail": detail})
+        edges.append({"from": me, "to": key, "label": "waits for"})
+        holder = wait.holder()
+        if holder is not None:
+            edge = {"from": thread_node(holder), "to": key, "label": "holds"}
+            if edge not in edges:
+                edges.append(edge)
+    return {
+        "kind": "deadlock",
+        "title": verdict.splitlines()[0],
+        "nodes": list(nodes.values()),
+        "edges": edges,
+    }
+
+
+def _inversion_graph(
+    locks: tuple[TrackedLock, TrackedLock], earlier: tuple[str, str], later: tuple[str, str]
+) -> dict[str, Any]:
+    """A lock-order inversion as the deadlock it allows (see :func:`wait_for_graph`).
+
+    ``locks`` is (B, A): A was taken while holding B at ``later``, after B had been taken
+    while holding A at ``earlier``. Each of the two takings is drawn as a thread that holds
+    the first lock and waits for the second: what happens when they meet.
+    """
+    held, taken = locks
+    lock_a = {
+        "id": "lock-a",
+        "type": "lock",
+        "label": "Lock A",
+        "detail": f"created at {taken.site}",
+    }
+    lock_b = {
+        "id": "lock-b",
+        "type": "lock",
+        "label": "Lock B",
+        "detail": f"created at {held.site}",
+    }
+    nodes: list[dict[str, str]] = []
+    edges = []
+    for index, ((name, site), first, then) in enumerate(
+        [(earlier, lock_a, lock_b), (later, lock_b, lock_a)], start=1
+    ):
+        key = f"taker-{index}"
+        label = f"thread {name!r}" if name else f"thread {index}"
+        # Listed round the cycle (thread, the lock it waits for, ...), as drawn.
+        nodes.append({"id": key, "type": "thread", "label": label, "detail": f"at {site}"})
+        nodes.append(then)
+        edges.append({"from": key, "to": first["id"], "label": "holds"})
+        edges.append({"from": key, "to": then["id"], "label": "waits for"})
+    return {
+        "kind": "lock-order inversion",
+        "title": "pytest-concur: potential deadlock: two locks are taken in both orders",
+        "nodes": nodes,
+        "edges": edges,
+    }
+
+
+# Graphs of what the deadlock check reported for the body that just ran, for its test's
+# report (see _checks/deadlock.py, and _summary, which takes them). A process backend's
+# child sends its own back with the body's outcome.
+_GRAPHS: list[dict[str, Any]] = []
+
+
+def note_graphs(graphs: Iterable[dict[str, Any]]) -> None:
+    """Keep these graphs for the report of the test that runs now."""
+    for graph in graphs:
+        if graph not in _GRAPHS:  # stress mode: every copy may report the same one
+            _GRAPHS.append(graph)
+
+
+def take_graphs() -> list[dict[str, Any]]:
+    """The graphs kept for the test that runs now; none are kept after this."""
+    graphs = _GRAPHS[:]
+    del _GRAPHS[:]
+    return graphs
 
 
 def _inversion_report(held: TrackedLock, taken: TrackedLock, site: str, earlier_site: str) -> str:

@@ -65,8 +65,10 @@ def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
     unknown_keywords = sorted(set(mark.kwargs) - set(_KEYWORDS))
     if unknown_keywords:
         unknown = ", ".join(unknown_keywords)
+        close = difflib.get_close_matches(unknown_keywords[0], _KEYWORDS, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
         _fail(
-            f"@pytest.mark.backend() got unexpected keyword argument(s): {unknown}. "
+            f"@pytest.mark.backend() got unexpected keyword argument(s): {unknown}.{hint} "
             f"It takes backend names as strings and the keyword(s) {', '.join(_KEYWORDS)}: "
             '@pytest.mark.backend("thread", "process", "asyncio", workers=8).'
         )
@@ -111,9 +113,10 @@ def parse_workers(value: object, origin: str) -> int:
     except ValueError:
         count = 0
     if count < 1:
+        example = f"{WORKERS_OPTION}=8" if origin == WORKERS_OPTION else f"{WORKERS_INI} = 8"
         raise pytest.UsageError(
             f"pytest-concur: {origin} takes a whole number of copies, 1 or more, got "
-            f"{value!r}: e.g. {WORKERS_OPTION}=8."
+            f"{value!r}: e.g. {example}."
         )
     return count
 
@@ -201,12 +204,17 @@ def claimed_by(function: pytest.Function) -> str | None:
 def select(function: pytest.Function, registry: BackendRegistry) -> Selection | None:
     """The backends ``function`` runs under, or ``None`` to leave it alone.
 
-    ``pytest.fail`` (a collection error of the module) on a malformed marker, an unknown
-    backend, or a test that both this plugin and another async plugin were asked to run.
+    ``pytest.fail``, with a message that names the test, on a malformed marker, an unknown
+    backend, or a test that both this plugin and another async plugin were asked to run
+    (the plugin makes it an error of that test alone, at its setup).
     """
     mark = function.get_closest_marker(MARKER)
     if mark is not None:
-        selection = Selection(parse_marker(mark), "@pytest.mark.backend")
+        try:
+            names = parse_marker(mark)
+        except pytest.fail.Exception as exc:
+            _fail(f"In {function.name}: {exc.msg}")  # which test, whatever the problem
+        selection = Selection(names, "@pytest.mark.backend")
         other = claimed_by(function)
         if other is not None:
             _fail(

@@ -100,8 +100,15 @@ def default(config: pytest.Config) -> float:
     except ValueError:
         seconds = -1.0
     if seconds < 0:
+        # In the words of where it was written: the command line's, or the ini file's.
+        given, example = (
+            (f"{OPTION}={raw}", f"{OPTION}=60")
+            if where == OPTION
+            else (f"{INI} = {raw}", f"{INI} = 60")
+        )
         raise pytest.UsageError(
-            f"{where} = {raw!r}: expected a number of seconds (0 for no deadline), e.g. {INI} = 60"
+            f"pytest-concur: {given}: expected a number of seconds, 0 or more (0 for no "
+            f"deadline), e.g. {example}"
         )
     return seconds
 

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 FIXTURE = BACKEND_FIXTURE
 _RUNNER = pytest.StashKey[Any]()
+# Functions whose backend marker was rejected, by nodeid: the message their items fail with.
+_MARKER_ERRORS = pytest.StashKey[dict[str, str]]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -53,8 +55,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         dest="concur_workers",
         metavar="N",
         default=None,
-        help="Stress mode: run N copies of the body of every test that runs under a backend "
-        "at once (tests with @pytest.mark.backend(..., workers=M) run M). Overrides the "
+        help="Stress mode: run N copies of each backend test's body at the same time (a "
+        "test's own @pytest.mark.backend(..., workers=M) runs M). Overrides the "
         "concur_workers ini key.",
     )
     group.addoption(
@@ -88,7 +90,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     parser.addini(
         _marker.WORKERS_INI,
-        "Copies of each backend test's body to run at once (stress mode); default 1.",
+        "Copies of each backend test's body to run at the same time (stress mode; default 1).",
         default="",
     )
     parser.addini(
@@ -116,26 +118,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
     # The leak checks' keys (pytest_concur/_checks/_allow.py reads them; declared here so
     # that pytest --version does not import the checks).
-    for kind in ("threads", "tasks", "processes", "started_by"):
+    allowed = {
+        "threads": "Threads (by name or target) that no test is failed for leaving running",
+        "tasks": "Tasks (by name or coroutine) that no test is failed for leaving pending",
+        "processes": "Child processes (by name, target or command) that no test is failed for "
+        "leaving running",
+        "started_by": "Functions (name or module.name) whose threads, tasks and processes no "
+        "test is failed for leaving running",
+    }
+    for kind, what in allowed.items():
         parser.addini(
             f"concur_allow_{kind}",
-            f"Patterns (fnmatch, one per line): {kind.replace('_', ' ')} the leak checks "
-            "leave alone in every test"
-            + (" (by a function that started them)." if kind == "started_by" else "."),
+            f"{what}: fnmatch patterns, one per line.",
             type="linelist",
             default=[],
         )
     parser.addini(
         "concur_checks_off",
-        "pytest-concur checks to turn off for every test: threads, tasks, processes, blocked_loop.",
+        "Checks to turn off for every test (names separated by spaces): threads, tasks, "
+        "processes, blocked_loop.",
         type="args",
         default=[],
     )
     parser.addini(
         "concur_leak_grace",
-        "Seconds a thread or process a test started may take to finish after the body "
-        "returned before it is reported as left running (default 1.0).",
+        "Seconds a thread or process that a test started may go on after the test's body "
+        "returns before it is reported as left running (default 1.0).",
         default="1.0",
+    )
+    group.addoption(
+        "--concur-report",
+        dest="concur_report",
+        metavar="FILE",
+        default=None,
+        help="Write what pytest-concur saw (each backend test's outcome and findings, the "
+        "counts per backend) to FILE as JSON, for CI tools; the schema is in docs/report.md.",
+    )
+    group.addoption(
+        "--concur-html",
+        dest="concur_html",
+        metavar="FILE",
+        default=None,
+        help="Write a self-contained HTML page of what pytest-concur saw to FILE: the "
+        "summary, each finding with its stacks folded, and the wait-for graph of each "
+        "deadlock and lock-order inversion.",
     )
     # Checks around every test and every fixture (pytest_concur/_checks/fixtures.py).
     group.addoption(
@@ -189,7 +215,10 @@ def pytest_configure(config: pytest.Config) -> None:
         "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
         "0.1); 0 turns the check off.",
     )
-    from pytest_concur import _backends, _checks, _timeout
+    from pytest_concur import _backends, _checks, _summary, _timeout
+
+    config.pluginmanager.register(_summary, "concur-summary")
+    config.pluginmanager.register(_summary.Collector(config), "concur-summary-collector")
 
     config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
@@ -282,15 +311,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     registry = metafunc.config.stash.get(_registry.REGISTRY, None)
     if registry is None:  # pragma: no cover - collection without a session
         return
-    selection = _marker.select(metafunc.definition, registry)
-    if selection is None:
+    try:
+        selection = _marker.select(metafunc.definition, registry)
+        if selection is None:
+            return
+        if FIXTURE not in metafunc.fixturenames:
+            pytest.fail(
+                f"{metafunc.definition.name} asks for backends but does not use "
+                f"pytest-concur's autouse {FIXTURE!r} fixture: a conftest.py overrides it "
+                "without autouse=True.",
+                pytrace=False,
+            )
+    except pytest.fail.Exception as exc:
+        # Raised here it would be a collection error of the whole module: make it an
+        # error of this test alone, at its setup (see pytest_runtest_setup).
+        errors = metafunc.config.stash.setdefault(_MARKER_ERRORS, {})
+        errors[metafunc.definition.nodeid] = str(exc.msg or exc)
         return
-    if FIXTURE not in metafunc.fixturenames:
-        pytest.fail(
-            f"{metafunc.definition.name} asks for backends but does not use pytest-concur's "
-            f"autouse {FIXTURE!r} fixture: a conftest.py overrides it without autouse=True.",
-            pytrace=False,
-        )
     metafunc.parametrize(
         FIXTURE,
         [
@@ -329,6 +366,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     name = _backend_name(item)
     if name is not None:
         item.stash[BACKEND_NAME] = name
+    errors = item.config.stash.get(_MARKER_ERRORS, None)
+    if errors and isinstance(item, pytest.Function):
+        # Every item of a function whose marker was rejected (it may have other parameters).
+        message = errors.get(f"{item.parent.nodeid}::{item.originalname}" if item.parent else "")
+        if message is not None:
+            pytest.fail(message, pytrace=False)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -293,28 +293,39 @@ def test_marker_and_another_async_plugin_on_one_test_is_an_error(pytester: pytes
     [
         pytest.param(
             '"treads"',
-            "*In test_x: unknown backend 'treads' in @pytest.mark.backend. Did you mean 'thread'?"
-            " Available backends: asyncio, process, thread.",
+            "In test_x: unknown backend 'treads' in @pytest.mark.backend. Did you mean "
+            "'thread'? Available backends: asyncio, process, thread.",
             id="unknown-name",
         ),
         pytest.param(
-            "3",
-            "*@pytest.mark.backend() takes backend names as strings, got 3 (int)*",
+            "123",
+            "In test_x: @pytest.mark.backend() takes backend names as strings, got 123 (int)*",
             id="not-a-string",
         ),
         pytest.param(
-            '"thread", worker=8',
-            "*@pytest.mark.backend() got unexpected keyword argument(s): worker.*",
+            '"thread", worker=4',
+            "In test_x: @pytest.mark.backend() got unexpected keyword argument(s): worker. "
+            "Did you mean 'workers'? It takes*",
             id="unknown-keyword",
         ),
         pytest.param(
             "",
-            "*@pytest.mark.backend() needs at least one backend name*",
+            "In test_x: @pytest.mark.backend() needs at least one backend name*",
             id="empty",
+        ),
+        pytest.param(
+            "workers=4",
+            "In test_x: @pytest.mark.backend() needs at least one backend name*",
+            id="workers-only",
+        ),
+        pytest.param(
+            '"thread", workers=0',
+            "In test_x: @pytest.mark.backend(workers=...) takes a whole number of copies*",
+            id="bad-workers",
         ),
     ],
 )
-def test_bad_marker_is_a_collection_error_of_its_module_only(
+def test_bad_marker_is_an_error_of_its_test_only(
     pytester: pytest.Pytester, marker: str, message: str
 ) -> None:
     pytester.makepyfile(
@@ -324,16 +335,49 @@ def test_bad_marker_is_a_collection_error_of_its_module_only(
         @pytest.mark.backend({marker})
         def test_x():
             pass
+
+        @pytest.mark.backend("thread")
+        def test_neighbour():
+            pass
+
+        def test_plain():
+            pass
         """,
         test_good="def test_fine(): pass",
     )
-    result = pytester.runpytest("--continue-on-collection-errors")
-    result.assert_outcomes(passed=1, errors=1)
-    result.stdout.fnmatch_lines(["*ERROR collecting test_bad.py*", message])
-    # Without the flag, pytest stops after collection as it does for its own errors.
     result = pytester.runpytest()
-    assert result.ret == pytest.ExitCode.INTERRUPTED
-    result.stdout.fnmatch_lines(["*Interrupted: 1 error during collection*"])
+    # The module's other tests run: no collection error stops the session.
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    result.assert_outcomes(passed=3, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at setup of test_x*", message])
+    result.stdout.no_fnmatch_line("*ERROR collecting*")
+
+
+def test_a_rejected_marker_errors_every_item_of_its_function(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import pytest
+
+        class TestGroup:
+            @pytest.mark.backend(3)
+            @pytest.mark.parametrize("n", [1, 2])
+            def test_x(self, n):
+                pass
+
+            def test_y(self):
+                pass
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(passed=1, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at setup of TestGroup.test_x[[]1[]]*",
+            "In test_x: @pytest.mark.backend() takes backend names as strings, got 3 (int)*",
+            "*ERROR at setup of TestGroup.test_x[[]2[]]*",
+            "In test_x: @pytest.mark.backend() takes backend names as strings, got 3 (int)*",
+        ]
+    )
 
 
 @pytest.mark.parametrize(
@@ -370,6 +414,34 @@ def test_bad_marker_is_a_collection_error_of_its_module_only(
             "concur_claim = pytest-asyncio",
             "ERROR: pytest-concur: unknown name 'pytest-asyncio' in concur_claim (ini): *",
             id="unknown-claim-ini",
+        ),
+        pytest.param(
+            ["--concur-timeout=abc"],
+            "",
+            "ERROR: pytest-concur: --concur-timeout=abc: expected a number of seconds, 0 or "
+            "more (0 for no deadline), e.g. --concur-timeout=60",
+            id="timeout-option",
+        ),
+        pytest.param(
+            [],
+            "concur_timeout = abc",
+            "ERROR: pytest-concur: concur_timeout = abc: expected a number of seconds, 0 or "
+            "more (0 for no deadline), e.g. concur_timeout = 60",
+            id="timeout-ini",
+        ),
+        pytest.param(
+            [],
+            "concur_workers = many",
+            "ERROR: pytest-concur: concur_workers (ini) takes a whole number of copies, 1 or "
+            "more, got 'many': e.g. concur_workers = 8.",
+            id="workers-ini",
+        ),
+        pytest.param(
+            [],
+            "concur_start_method = vfork",
+            "ERROR: unknown start method 'vfork' for the process backend (in the "
+            "concur_start_method ini key); choose one of: auto, fork, forkserver, spawn.",
+            id="start-method-ini",
         ),
     ],
 )
@@ -417,3 +489,55 @@ def test_plugin_can_be_disabled(pytester: pytest.Pytester) -> None:
     result = pytester.runpytest("-v", "-p", "no:concur")
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(["*::test_x PASSED*"])
+
+
+def test_turned_off_with_its_ini_keys_under_strict_config_as_the_readme_says(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeini("[pytest]\nconcur_backends = thread\nconcur_timeout = 30\n")
+    pytester.makepyfile("def test_x(): pass")
+    result = pytester.runpytest("-p", "no:concur", "--strict-config")
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines(["ERROR: Unknown config option: concur_backends"])
+    # The README's conftest.py: the keys declared while the plugin is off.
+    pytester.makeconftest(
+        """
+        def pytest_addoption(parser, pluginmanager):
+            if pluginmanager.is_blocked("concur"):
+                for key in ("concur_backends", "concur_timeout"):
+                    parser.addini(key, "pytest-concur's, unused while it is off")
+        """
+    )
+    pytester.runpytest("-p", "no:concur", "--strict-config").assert_outcomes(passed=1)
+    # And with the plugin on, the same conftest is a no-op.
+    result = pytester.runpytest("--strict-config", "-v")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["*::test_x[[]thread[]] PASSED*"])
+
+
+def test_help_texts_of_options_and_ini_keys_read_as_sentences(pytester: pytest.Pytester) -> None:
+    result = pytester.runpytest("--help")
+    texts: dict[str, str] = {}
+    name = None
+    for line in result.stdout.lines:
+        head = line.strip().split(" ", 1)
+        if (
+            line.startswith("  ")
+            and not line.startswith("   ")
+            and head[0].startswith(("--concur", "concur_"))
+        ):
+            name = head[0].split("=")[0]
+            texts[name] = head[1].strip() if len(head) > 1 and not head[1].startswith("(") else ""
+        elif name is not None and line.startswith(" " * 20):
+            texts[name] += " " + line.strip()
+        else:
+            name = None
+    assert "--concur-timeout" in texts
+    assert "concur_allow_started_by" in texts
+    for name, text in texts.items():
+        text = text.strip()
+        assert text[:1].isupper(), (name, text)
+        assert text.endswith("."), (name, text)
+        assert "  " not in text, (name, text)
+    started_by = texts["concur_allow_started_by"].strip()
+    assert started_by.startswith("Functions (name or module.name) whose threads, tasks and ")

@@ -59,6 +59,90 @@ def test_death_by_signal_is_reported_by_name(
     result.stdout.fnmatch_lines([f"*was killed by signal {signame} ({number}) before it reported*"])
 
 
+SEGFAULT = """
+    import ctypes, sys
+    import pytest
+
+    def helper():
+        print("before the crash")
+        print("to stderr", file=sys.stderr)
+        ctypes.string_at(0)
+
+    @pytest.mark.backend("process")
+    def test_segv():
+        helper()
+
+    def test_next():
+        pass
+"""
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_a_segfaulting_childs_dump_is_in_its_captured_stderr_with_the_users_frames_only(
+    pytester: pytest.Pytester, method: str
+) -> None:
+    pytester.makepyfile(SEGFAULT)
+    result = pytester.runpytest_subprocess(f"--concur-start-method={method}", timeout=60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*was killed by signal SIGSEGV (11) before it reported an outcome*Its output so "
+            'far, if any, is in the "Captured stdout call" and "Captured stderr call" sections '
+            "below, and faulthandler's dump of its threads at the crash at the end of its "
+            "stderr.",
+            "*- Captured stdout call -*",
+            "before the crash",
+            "*- Captured stderr call -*",
+            "to stderr",
+            "pytest-concur: the child process (pid *) crashed:",
+            "Fatal Python error: Segmentation fault",
+            "Current thread 0x* (most recent call first):",
+            '  File "*ctypes*", line * in string_at',
+            '  File "*test_a_segfaulting*.py", line 7 in helper',
+            '  File "*test_a_segfaulting*.py", line 11 in test_segv',
+            "*= short test summary info =*",
+        ]
+    )
+    out = result.stdout.str()
+    dump = out[out.index("crashed:") : out.index("short test summary info")]
+    for machinery in ("pytest_concur", "_pytest", "pluggy", "multiprocessing", "bin/pytest"):
+        assert machinery not in dump
+    # Nothing of it in the progress line, or on the real stderr faulthandler used to use.
+    assert "Fatal Python error" not in out[: out.index("= FAILURES =")]
+    assert "Fatal Python error" not in result.stderr.str()
+
+
+def test_a_segfault_under_dash_s_says_its_output_went_to_the_terminal(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(SEGFAULT)
+    result = pytester.runpytest_subprocess("-s", timeout=60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*before it reported an outcome*Its output so far, if any, went to the terminal as "
+            "it came (-s), and faulthandler's dump of its threads at the crash after it.",
+        ]
+    )
+    # The dump went where the child's stderr goes under -s: pytest's stderr.
+    result.stderr.fnmatch_lines(
+        ["pytest-concur: the child process (pid *) crashed:", "*line 11 in test_segv"]
+    )
+
+
+def test_without_faulthandler_the_crash_report_promises_no_dump(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(SEGFAULT)
+    result = pytester.runpytest_subprocess("-p", "no:faulthandler", timeout=60)
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        ['*before it reported an outcome*"Captured stderr call" sections below.', "to stderr"]
+    )
+    result.stdout.no_fnmatch_line("*faulthandler's dump*")
+    result.stdout.no_fnmatch_line("*Fatal Python error*")
+
+
 @pytest.mark.parametrize("method", ["spawn", "forkserver"])
 def test_unpicklable_fixture_is_named_with_the_fix(pytester: pytest.Pytester, method: str) -> None:
     pytester.makepyfile(

@@ -121,10 +121,12 @@ def test_option_and_ini_give_the_default_and_the_marker_wins(pytester: pytest.Py
             "workers=0", "*backend(workers=...) takes a whole number of copies, 1 or more, got 0*"
         ),
         pytest.param('workers="8"', "*got '8': write e.g. @pytest.mark.backend(*workers=8)*"),
-        pytest.param("worker=8", "*unexpected keyword argument(s): worker. It takes*workers*"),
+        pytest.param(
+            "worker=8", "*unexpected keyword argument(s): worker. Did you mean 'workers'? It takes*"
+        ),
     ],
 )
-def test_bad_workers_is_a_collection_error(
+def test_bad_workers_is_an_error_of_its_test(
     pytester: pytest.Pytester, marker: str, message: str
 ) -> None:
     pytester.makepyfile(

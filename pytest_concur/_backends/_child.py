@@ -30,6 +30,7 @@ from typing import Any, NoReturn
 
 import pytest
 
+from pytest_concur import _locks
 from pytest_concur._backends.base import run_watched, run_watched_async
 from pytest_concur._report import end_at_the_wait
 
@@ -55,6 +56,10 @@ class Job:
     copy_index: tuple[int, int] = (0, 1)
     # Where the child writes its threads' stacks when the parent asks (DUMP_SIGNAL).
     stack_path: str | None = None
+    # Where faulthandler writes if the child crashes (SIGSEGV, SIGABRT...); None when the
+    # parent has faulthandler off (-p no:faulthandler). The parent puts the dump, trimmed
+    # to the user's frames, in the test's captured stderr.
+    crash_path: str | None = None
 
 
 @dataclasses.dataclass
@@ -86,6 +91,8 @@ class Outcome:
     stdout: str = ""  # only what a ``--capture=sys`` parent could not see through the fd
     stderr: str = ""
     site: str = ""  # file:line that raised, to tell stress-mode copies' failures apart
+    # The deadlock check's wait-for graphs (see _locks.note_graphs), for the parent's report.
+    graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 # The parent sends this when it gives up on the child (a timeout): dump every thread's stack
@@ -93,6 +100,7 @@ class Outcome:
 # handler yet is not killed by it.
 DUMP_SIGNAL = getattr(signal, "SIGURG", None)
 _STACKS: Any = None  # the open file the stacks go to; faulthandler keeps only its fd
+_CRASH: Any = None  # the open file a crash's dump goes to (see _install_crash_dump)
 _BODY_PID: int | None = None  # the process that runs the body (not one it forked)
 # How long a stress-mode child waits for the others to start before it starts anyway.
 GO_TIMEOUT = 30.0
@@ -127,6 +135,8 @@ def main(
     assert isinstance(job, Job)
     if DUMP_SIGNAL is not None and job.stack_path is not None:
         _install_stack_dump(job.stack_path)
+    if job.crash_path is not None:
+        _install_crash_dump(job.crash_path)
     marks = (_mark(sys.stdout), _mark(sys.stderr))
     # Record the body's warnings to send them back, unless the test records them itself
     # (recwarn): then they are its business, inside the child.
@@ -153,6 +163,7 @@ def main(
         else:
             outcome = Outcome(passed=True)
     outcome.warnings = [_warning(w) for w in caught or ()]
+    outcome.graphs = _locks.take_graphs()
     outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
     # The interpreter's own streams may hold output echoed to them (--capture=tee-sys);
     # a forked child leaves through os._exit, which would drop their buffers.
@@ -180,6 +191,19 @@ def _install_stack_dump(path: str) -> None:
         _STACKS = open(path, "a")  # noqa: SIM115 - open for the process's life
         signal.signal(DUMP_SIGNAL, _report_to_parent)
         faulthandler.register(DUMP_SIGNAL, file=_STACKS, all_threads=True, chain=True)
+
+
+def _install_crash_dump(path: str) -> None:
+    """Send faulthandler's dump of a crash to ``path``, for the parent to report.
+
+    A forked child inherits pytest's faulthandler, which writes to the terminal (a copy of
+    the parent's stderr made before capturing began): the dump would land in the progress
+    line, with the parent's pytest frames the fork copied.
+    """
+    global _CRASH
+    with contextlib.suppress(Exception):
+        _CRASH = open(path, "w")  # noqa: SIM115 - open for the process's life
+        faulthandler.enable(file=_CRASH, all_threads=True)
 
 
 def _report_to_parent(signum: int, frame: types.FrameType | None) -> None:

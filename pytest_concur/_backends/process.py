@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import faulthandler
 import os
 import pickle
 import signal
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
-from pytest_concur import _hang
+from pytest_concur import _hang, _locks
 from pytest_concur._backends import _child
 from pytest_concur._backends.base import BodyCall
 
@@ -46,13 +47,14 @@ TERMINATE_GRACE = 2.0
 
 def start_method(config: pytest.Config) -> str:
     """The start method chosen by option or ini (``auto`` by default); a usage error if unknown."""
-    value = config.getoption("concur_start_method") or config.getini(START_METHOD_INI)
+    option = config.getoption("concur_start_method")
+    value = option or config.getini(START_METHOD_INI)
     method = str(value or "auto")
     if method not in START_METHODS:
+        where = START_METHOD_OPTION if option else f"the {START_METHOD_INI} ini key"
         raise pytest.UsageError(
-            f"unknown start method {method!r} for the process backend "
-            f"({START_METHOD_OPTION} / {START_METHOD_INI}); choose one of: "
-            f"{', '.join(START_METHODS)}."
+            f"unknown start method {method!r} for the process backend (in {where}); "
+            f"choose one of: {', '.join(START_METHODS)}."
         )
     return method
 
@@ -118,6 +120,8 @@ class _ProcessRunner:
         # auto chose fork although the harness's own threads run: its warning is not news.
         self._quiet_fork = harness
         self._processes: list[BaseProcess] = []
+        # The copies whose crash faulthandler dumped (into the captured stderr).
+        self._dumped: set[int] = set()
 
     def run(self, call: BodyCall) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's
@@ -189,10 +193,12 @@ class _ProcessRunner:
                     if streams is not None:
                         _forward(streams[0].read_text(errors="replace"), sys.stdout)
                         _forward(streams[1].read_text(errors="replace"), sys.stderr)
+                    if _forward_crash_dump(process, Path(tmp, f"crash{index}")):
+                        self._dumped.add(index)
         if count == 1:
             outcome = outcomes[0]
             if outcome is None:
-                _fail_crashed(children[0][0], self._item.nodeid)
+                _fail_crashed(children[0][0], self._item, 0 in self._dumped)
             _replay(outcome)
             if not outcome.passed:
                 _raise(outcome, self._item)
@@ -215,7 +221,13 @@ class _ProcessRunner:
         reader, writer = ctx.Pipe(duplex=False)
         stacks = Path(tmp, f"stacks{index}")
         stacks.touch()
-        job = dataclasses.replace(job, stack_path=str(stacks))
+        crash = Path(tmp, f"crash{index}")
+        crash.touch()
+        job = dataclasses.replace(
+            job,
+            stack_path=str(stacks),
+            crash_path=str(crash) if faulthandler.is_enabled() else None,
+        )
         if method == "fork":
             # The child has the parent's memory: nothing needs pickling on the way in,
             # and it has the item, so failures render exactly as in a plain run.
@@ -270,7 +282,7 @@ class _ProcessRunner:
         errors: list[BaseException | None] = []
         reprs: list[Any] = []
         keys: list[tuple[str, str, str]] = []
-        for process, outcome in zip(processes, outcomes, strict=True):
+        for index, (process, outcome) in enumerate(zip(processes, outcomes, strict=True)):
             reprs.append(None)
             keys.append(("", "", ""))
             if outcome is not None:
@@ -281,11 +293,11 @@ class _ProcessRunner:
                 reprs[-1] = outcome.longrepr
                 keys[-1] = (outcome.type_name, outcome.message, outcome.site)
             else:
-                reprs[-1] = _crash_message(process, item.nodeid)
+                reprs[-1] = _crash_message(process, item, index in self._dumped)
                 keys[-1] = ("crash", str(process.exitcode), "")
             try:
                 if outcome is None:
-                    _fail_crashed(process, item.nodeid)
+                    _fail_crashed(process, item, index in self._dumped)
                 _raise(outcome, item)
             except BaseException as exc:
                 errors.append(exc)
@@ -356,18 +368,19 @@ def _stop(process: BaseProcess) -> None:
     (on Linux, where /proc tells who they are).
     """
     pid = process.pid
-    below = _hang.descendants(pid) if pid is not None and process.is_alive() else []
+    if pid is None:
+        return  # never started: a deadline struck while it was being started
+    below = _hang.descendants(pid) if process.is_alive() else []
     if process.is_alive():
         process.terminate()
         process.join(TERMINATE_GRACE)
         if process.is_alive():
             process.kill()
     process.join()
-    if pid is not None:
-        _hang.forget_stack_file(pid)
-        # A child that died (SIGKILL, a crash) before it ended its own children left them
-        # to init, where /proc no longer says whose they are; its process group does.
-        _end_group(pid)
+    _hang.forget_stack_file(pid)
+    # A child that died (SIGKILL, a crash) before it ended its own children left them
+    # to init, where /proc no longer says whose they are; its process group does.
+    _end_group(pid)
     _end_orphans(below)
 
 
@@ -418,27 +431,59 @@ def _exists(pid: int) -> bool:
     return fields is not None and bool(fields) and fields[0] != "Z"
 
 
-def _fail_crashed(process: BaseProcess, nodeid: str) -> NoReturn:
+def _fail_crashed(process: BaseProcess, item: pytest.Item, dumped: bool) -> NoReturn:
     # Not hidden from tracebacks: pytest notes when every entry is hidden, even for a
     # failure without a traceback.
-    pytest.fail(_crash_message(process, nodeid), pytrace=False)
+    pytest.fail(_crash_message(process, item, dumped), pytrace=False)
 
 
-def _crash_message(process: BaseProcess, nodeid: str) -> str:
+def _crash_message(process: BaseProcess, item: pytest.Item, dumped: bool) -> str:
     from pytest_concur._checks._where import how_it_ended
 
     how = how_it_ended(process.exitcode)
+    if item.config.getoption("capture", "fd") == "no":
+        where = "went to the terminal as it came (-s)"
+        dump = ", and faulthandler's dump of its threads at the crash after it"
+    else:
+        where = 'is in the "Captured stdout call" and "Captured stderr call" sections below'
+        dump = ", and faulthandler's dump of its threads at the crash at the end of its stderr"
+    if not dumped:
+        dump = ""
     return (
-        f"the child process (pid {process.pid}) running {nodeid} {how} before it reported "
-        "an outcome: the body crashed the interpreter, called os._exit(), or was killed. "
-        "Its output so far is in the captured sections below."
+        f"the child process (pid {process.pid}) running {item.nodeid} {how} before it "
+        "reported an outcome: the body crashed the interpreter, called os._exit(), or was "
+        f"killed. Its output so far, if any, {where}{dump}."
     )
+
+
+def _forward_crash_dump(process: BaseProcess, path: Path) -> bool:
+    """Put faulthandler's dump of a child's crash, if any, in this test's stderr.
+
+    Trimmed to the user's frames: without the plugin's, pytest's, multiprocessing's and
+    (under fork) the parent's stack the child was forked in. True if there was a dump.
+    """
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return False
+    if not text.strip():
+        return False
+    lines = [
+        line
+        for line in _hang.filter_dump(text).splitlines()
+        # The C extensions loaded: one long line of module names, no help here.
+        if not line.startswith("Extension modules:")
+    ]
+    body = "\n".join(lines).strip("\n")
+    _forward(f"pytest-concur: the child process (pid {process.pid}) crashed:\n{body}\n", sys.stderr)
+    return True
 
 
 def _replay(outcome: _child.Outcome) -> None:
     """Give the child's warnings and sys-captured output to this process's pytest."""
     _forward(outcome.stdout, sys.stdout)
     _forward(outcome.stderr, sys.stderr)
+    _locks.note_graphs(outcome.graphs)
     for message, category_bytes, filename, lineno in outcome.warnings:
         category: type[Warning] = UserWarning
         if category_bytes is not None:

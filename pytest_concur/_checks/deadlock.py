@@ -75,6 +75,10 @@ class DeadlockWatch:
                         _locks._real_join(thread, remaining)
         finally:
             tracking.__exit__(None, None, None)
+        if tracker.graph is not None:
+            _locks.note_graphs([tracker.graph])
+        if self._lock_order == "fail":
+            _locks.note_graphs(tracker.inversion_graphs)
         if tracker.verdict is not None and not failed:
             return tracker.verdict  # the body swallowed the DeadlockError
         inversions = tracker.report_inversions()
