@@ -16,12 +16,14 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur._loop import LoopRunner, item_loop
 from pytest_concur._state import CURRENT_ITEM, backend_of
+
+if TYPE_CHECKING:
+    from pytest_concur._loop import LoopRunner
 
 
 def is_async_fixture(func: object) -> bool:
@@ -38,6 +40,8 @@ def pytest_fixture_setup(
         return (yield)
     if _claimed_by_pytest_asyncio(func, request.config):
         return (yield)
+    from pytest_concur._loop import LoopRunner, item_loop  # asyncio: only once needed
+
     target = _bind(func, request)
     if fixturedef.scope == "function":
         runner = item_loop(item)

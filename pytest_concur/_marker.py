@@ -10,15 +10,15 @@ alone. The option and the ini key never take a test that another async plugin ru
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
 from collections.abc import Iterable
-from typing import NoReturn, final
+from typing import TYPE_CHECKING, NoReturn, final
 
 import pytest
 
-from pytest_concur._registry import BackendRegistry
+if TYPE_CHECKING:
+    from pytest_concur._registry import BackendRegistry
 
 MARKER = "backend"
 OPTION = "--concur-backends"
@@ -165,6 +165,8 @@ def check(selection: Selection, registry: BackendRegistry) -> str | None:
     """A message naming the first unknown backend of ``selection``, or ``None``."""
     for name in selection.names:
         if name not in registry:
+            import difflib  # only for a typo: not paid by every session
+
             close = difflib.get_close_matches(name, list(registry), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             return (

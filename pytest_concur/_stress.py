@@ -58,8 +58,8 @@ import pytest
 
 import pytest_concur
 from pytest_concur import _hooks, _locks
-from pytest_concur._backends.base import check_result, end_watches
 from pytest_concur._locks import DeadlockError
+from pytest_concur._watching import check_result, end_watches
 
 if TYPE_CHECKING:
     from pytest_concur._backends.base import BodyCall

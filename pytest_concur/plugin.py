@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur import _fixtures, _marker, _registry
-from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM
+from pytest_concur import _marker, _registry
+from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE
+from pytest_concur._state import parametrized_backend as _backend_name
 
 if TYPE_CHECKING:
     from pytest_concur._workers import Concur
 
-FIXTURE = "concur_backend"
 _RUNNER = pytest.StashKey[Any]()
 
 
@@ -175,7 +175,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
         "0.1); 0 turns the check off.",
     )
-    from pytest_concur import _backends, _checks, _timeout
+    from pytest_concur import _backends, _checks, _fixtures, _timeout
 
     config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
@@ -404,14 +404,6 @@ def _close(item: pytest.Item) -> None:
             runner.close()
     finally:
         close_item_loop(item)
-
-
-def _backend_name(item: pytest.Item) -> str | None:
-    callspec = getattr(item, "callspec", None)
-    if callspec is None:
-        return None
-    name = callspec.params.get(FIXTURE)
-    return name if isinstance(name, str) else None
 
 
 def _body_kwargs(item: pytest.Function) -> dict[str, Any]:

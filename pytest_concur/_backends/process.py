@@ -30,12 +30,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
-from pytest_concur import _hang
-from pytest_concur._backends import _child
 from pytest_concur._backends.base import BodyCall
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
+
+    from pytest_concur._backends import _child
+
+# What runs and watches a child (_child, _hang: asyncio, the lock tracker) is imported by the
+# functions that use it: every session makes a ProcessBackend, few run a test under it.
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 START_METHOD_OPTION = "--concur-start-method"
@@ -124,6 +127,8 @@ class _ProcessRunner:
         import multiprocessing
         import multiprocessing.connection
 
+        from pytest_concur._backends import _child
+
         config = self._item.config
         job = _child.Job(
             function=call.function,
@@ -210,6 +215,9 @@ class _ProcessRunner:
     ) -> tuple[BaseProcess, Any, tuple[Path, Path] | None]:
         """Start one child running ``job``; its process, pipe end and output files."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
+        from pytest_concur import _hang
+        from pytest_concur._backends import _child
+
         config = self._item.config
         method, why = self._method, self._why
         reader, writer = ctx.Pipe(duplex=False)
@@ -315,6 +323,8 @@ def _receive(
 ) -> _child.Outcome | None:
     """Wait for the child's outcome; ``None`` if it ended without sending one."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    from pytest_concur._backends import _child
+
     while True:
         ready = wait([reader, process.sentinel])
         if reader in ready:
@@ -334,6 +344,8 @@ def _dump_stacks(process: BaseProcess, stacks: Path) -> None:
 
     pytest-concur's own deadline has them in its report already.
     """
+    from pytest_concur import _hang
+
     pid = process.pid
     if _hang.DUMP_SIGNAL is None or pid is None or _hang.reported(pid):
         return
@@ -355,6 +367,8 @@ def _stop(process: BaseProcess) -> None:
     The child's own children would be orphans that outlive the session: they are ended too
     (on Linux, where /proc tells who they are).
     """
+    from pytest_concur import _hang
+
     pid = process.pid
     below = _hang.descendants(pid) if pid is not None and process.is_alive() else []
     if process.is_alive():
@@ -389,6 +403,8 @@ def _end_orphans(pids: list[int]) -> None:
 
 def _exists(pid: int) -> bool:
     """Whether ``pid`` is still a live process (not ours to reap: it is another's child)."""
+    from pytest_concur import _hang
+
     fields = _hang.proc_stat(pid)
     return fields is not None and bool(fields) and fields[0] != "Z"
 
@@ -427,6 +443,7 @@ def _replay(outcome: _child.Outcome) -> None:
 
 
 def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
+    from pytest_concur._backends import _child
     from pytest_concur._report import attach_longrepr
 
     exc: BaseException | None = None
