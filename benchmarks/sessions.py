@@ -90,7 +90,9 @@ def pytest_unconfigure(config):
 # What the built-in checks are registered as (pytest_concur/plugin.py): blocking the name
 # runs the backends with no check at all.
 CHECKS_OFF = ["-p", "no:concur-builtin-checks"]
-NO_ASYNC_PLUGINS = ["-p", "no:asyncio", "-p", "no:anyio"]
+# The blocked-loop check times each step by the wall clock: on a machine so busy that a
+# trivial step can wait 0.1 s for a core, it would fail the run. Still on, with more room.
+NO_ASYNC_PLUGINS = ["-p", "no:asyncio", "-p", "no:anyio", "-o", "concur_blocked_loop=5"]
 PYTEST_ASYNCIO = [
     "-p",
     "no:concur",
