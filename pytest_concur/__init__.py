@@ -2,13 +2,21 @@
 
 The public API of the package is what this module exports; everything in modules whose name
 starts with an underscore is private.
+
+The names are handed on lazily (PEP 562): importing the package, as the ``pytest11`` entry
+point does in every pytest run, imports none of the machinery behind them. Each name is
+imported from its module on first access and then kept here, so it is looked up once.
 """
 
 from __future__ import annotations
 
-from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
-from pytest_concur._locks import DeadlockError, HangError
-from pytest_concur._workers import Concur, Worker, WorkerProcessTraceback, WorkerTimeoutError
+import importlib
+import typing
+
+if typing.TYPE_CHECKING:
+    from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
+    from pytest_concur._locks import DeadlockError, HangError
+    from pytest_concur._workers import Concur, Worker, WorkerProcessTraceback, WorkerTimeoutError
 
 __version__ = "0.1.0.dev0"
 
@@ -26,3 +34,31 @@ __all__ = [
     "WorkerTimeoutError",
     "__version__",
 ]
+
+# Where each public name lives (the TYPE_CHECKING imports above say the same to type checkers).
+_HOMES = {
+    "Backend": "pytest_concur._backends.base",
+    "BodyCall": "pytest_concur._backends.base",
+    "Check": "pytest_concur._backends.base",
+    "Runner": "pytest_concur._backends.base",
+    "Watch": "pytest_concur._backends.base",
+    "DeadlockError": "pytest_concur._locks",
+    "HangError": "pytest_concur._locks",
+    "Concur": "pytest_concur._workers",
+    "Worker": "pytest_concur._workers",
+    "WorkerProcessTraceback": "pytest_concur._workers",
+    "WorkerTimeoutError": "pytest_concur._workers",
+}
+
+
+def __getattr__(name: str) -> typing.Any:
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value  # next time, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

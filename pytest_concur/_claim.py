@@ -38,7 +38,7 @@ from typing import Any, final
 
 import pytest
 
-from pytest_concur._state import BACKEND_FIXTURE
+from pytest_concur._state import FIXTURE
 
 OPTION = "--concur-claim"
 INI = "concur_claim"
@@ -218,7 +218,7 @@ def _adopt(node: Any) -> Any:
     if not isinstance(node, pytest.Function) or isinstance(node, ClaimedFunction):
         return node
     callspec = getattr(node, "callspec", None)
-    if callspec is None or not isinstance(callspec.params.get(BACKEND_FIXTURE), str):
+    if callspec is None or not isinstance(callspec.params.get(FIXTURE), str):
         return node  # not selected for a backend: the claim leaves it be
     decision = decide(node)
     if decision is None or decision.left_to is not None:

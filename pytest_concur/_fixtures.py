@@ -16,13 +16,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Generator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_concur import _claim
-from pytest_concur._loop import LoopRunner, item_loop
 from pytest_concur._state import CURRENT_ITEM, backend_of
+
+if TYPE_CHECKING:
+    from pytest_concur._loop import LoopRunner
 
 
 def is_async_fixture(func: object) -> bool:
@@ -41,6 +43,8 @@ def pytest_fixture_setup(
         item, fixturedef
     ):
         return (yield)
+    from pytest_concur._loop import LoopRunner, item_loop  # asyncio: only once needed
+
     target = _bind(func, request)
     if fixturedef.scope == "function":
         runner = item_loop(item)

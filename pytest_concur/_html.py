@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import math
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +47,17 @@ svg .edge.waits-for path { stroke: #c5221f; stroke-dasharray: 6 3; }
 svg .edge.joins path { stroke: #5f6368; stroke-dasharray: 2 3; }
 svg .detail { fill: #5f6368; font-size: 10px; }
 """
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Write the page (registered only when ``--concur-html`` is given)."""
+    config = session.config
+    page = config.getoption("concur_html", None)
+    if not page or hasattr(config, "workerinput"):
+        return  # xdist: the controller writes it, from every worker's reports
+    path = os.path.join(config.invocation_params.dir, page)
+    _summary.note_written(config, write(config, _summary.records(config), path))
 
 
 def write(config: pytest.Config, records: Sequence[_summary.Record], path: str) -> str:

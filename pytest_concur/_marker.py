@@ -10,16 +10,17 @@ alone. The option and the ini key never take a test that another async plugin ru
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import re
 from collections.abc import Iterable
-from typing import NoReturn, final
+from typing import TYPE_CHECKING, NoReturn, final
 
 import pytest
 
 from pytest_concur import _claim
-from pytest_concur._registry import BackendRegistry
+
+if TYPE_CHECKING:
+    from pytest_concur._registry import BackendRegistry
 
 MARKER = "backend"
 OPTION = "--concur-backends"
@@ -65,6 +66,8 @@ def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
     unknown_keywords = sorted(set(mark.kwargs) - set(_KEYWORDS))
     if unknown_keywords:
         unknown = ", ".join(unknown_keywords)
+        import difflib  # only for a typo: not paid by every session
+
         close = difflib.get_close_matches(unknown_keywords[0], _KEYWORDS, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         _fail(
@@ -169,6 +172,8 @@ def check(selection: Selection, registry: BackendRegistry) -> str | None:
     """A message naming the first unknown backend of ``selection``, or ``None``."""
     for name in selection.names:
         if name not in registry:
+            import difflib  # only for a typo: not paid by every session
+
             close = difflib.get_close_matches(name, list(registry), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             return (

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, final
+from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur._backends.base import Backend, Check
+if TYPE_CHECKING:
+    from pytest_concur._backends.base import Backend, Check
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -17,7 +18,7 @@ CHECKS = pytest.StashKey["tuple[Check, ...]"]()
 
 
 @final
-class BackendRegistry(Mapping[str, Backend]):
+class BackendRegistry(Mapping[str, "Backend"]):
     """The backends known to this session, by name, in registration order."""
 
     def __init__(self, backends: Mapping[str, Backend]) -> None:
@@ -39,6 +40,8 @@ class BackendRegistry(Mapping[str, Backend]):
 
 def collect(config: pytest.Config) -> BackendRegistry:
     """Ask every plugin for its backends and check them; raise a usage error on a bad one."""
+    from pytest_concur._backends.base import Backend  # the contract, for isinstance
+
     results = config.hook.pytest_concur_add_backends(config=config)
     backends = _gather(results, "backend", Backend, "start(item)", identifier=True)
     return BackendRegistry(backends)
@@ -46,6 +49,8 @@ def collect(config: pytest.Config) -> BackendRegistry:
 
 def collect_checks(config: pytest.Config) -> tuple[Check, ...]:
     """Ask every plugin for its checks and check them; raise a usage error on a bad one."""
+    from pytest_concur._backends.base import Check
+
     results = config.hook.pytest_concur_add_checks(config=config)
     return tuple(_gather(results, "check", Check, "watch(item)", identifier=False).values())
 

@@ -8,10 +8,23 @@ import pytest
 CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
 # Items that run under a backend, stashed with their backend's name at setup.
 BACKEND_NAME = pytest.StashKey[str]()
-# The autouse fixture whose parameter is the backend an item runs under (plugin.py).
-BACKEND_FIXTURE = "concur_backend"
+# The parameter of pytest-concur's autouse fixture that carries the backend's name.
+FIXTURE = "concur_backend"
 
 
 def backend_of(item: pytest.Item) -> str | None:
-    """The backend ``item`` runs under, or ``None`` when it runs plainly."""
+    """The backend ``item`` runs under, or ``None`` when it runs plainly (from its setup on)."""
     return item.stash.get(BACKEND_NAME, None)
+
+
+def parametrized_backend(item: pytest.Item) -> str | None:
+    """The backend ``item`` was parametrized with at collection, or ``None``.
+
+    The same answer as :func:`backend_of`, before the item's setup has stashed it (after
+    collection, in a deadline set by another plugin before setup).
+    """
+    callspec = getattr(item, "callspec", None)
+    if callspec is None:
+        return None
+    name = callspec.params.get(FIXTURE)
+    return name if isinstance(name, str) else None

@@ -58,8 +58,8 @@ import pytest
 
 import pytest_concur
 from pytest_concur import _hooks, _locks
-from pytest_concur._backends.base import check_result, end_watches
 from pytest_concur._locks import DeadlockError
+from pytest_concur._watching import check_result, end_watches
 
 if TYPE_CHECKING:
     from pytest_concur._backends.base import BodyCall
@@ -203,13 +203,20 @@ def with_copy_hooks(
     item's hooks may be looked up (before the copies start); the wrapper may run anywhere.
     Without implementations of the hooks nor ``ready``, ``function`` itself comes back.
     """
-    hooks: Any = item.ihook
-    setup = hooks.pytest_concur_copy_setup
-    teardown = hooks.pytest_concur_copy_teardown
-    if not setup.get_hookimpls() and not teardown.get_hookimpls():
+    if not _has_copy_hooks(item.config.hook):
+        # Nothing implements them anywhere: skip the item's own hook proxy, which pytest
+        # builds from the conftest files of its path (the costly part of a lone copy).
         if ready is None:
             return function
         setup = teardown = None
+    else:
+        hooks: Any = item.ihook
+        setup = hooks.pytest_concur_copy_setup
+        teardown = hooks.pytest_concur_copy_teardown
+        if not setup.get_hookimpls() and not teardown.get_hookimpls():
+            if ready is None:
+                return function
+            setup = teardown = None
 
     def begin() -> BaseException | None:
         outcome = _call_hook(setup, SETUP_HOOK, item, index, count)
@@ -259,13 +266,17 @@ def with_copy_hooks(
     return copy
 
 
-def warn_hooks_not_called(item: pytest.Item, method: str) -> None:
-    """Warn, if ``item`` has copy hooks, that a ``method`` child cannot call them."""
-    hooks: Any = item.ihook
-    if not (
+def _has_copy_hooks(hooks: Any) -> bool:
+    """Whether the copy hooks have an implementation among ``hooks`` (a hook relay)."""
+    return bool(
         hooks.pytest_concur_copy_setup.get_hookimpls()
         or hooks.pytest_concur_copy_teardown.get_hookimpls()
-    ):
+    )
+
+
+def warn_hooks_not_called(item: pytest.Item, method: str) -> None:
+    """Warn, if ``item`` has copy hooks, that a ``method`` child cannot call them."""
+    if not _has_copy_hooks(item.ihook):
         return
     warning = pytest.PytestWarning(
         f"pytest-concur: {SETUP_HOOK} and {TEARDOWN_HOOK} are not called for tests under "

@@ -31,6 +31,8 @@ from typing import Any, Final, final
 
 import pytest
 
+from pytest_concur._state import parametrized_backend
+
 # -- kinds of finding ----------------------------------------------------------------------
 
 DEADLOCK: Final = "deadlock"
@@ -93,9 +95,7 @@ def detection_ms(text: str) -> float | None:
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    from pytest_concur.plugin import _backend_name
-
-    name = _backend_name(item)
+    name = parametrized_backend(item)
     if name is not None and call.when == "setup":
         # Before the report is made from the item's list: every phase's report has it.
         item.user_properties.append((BACKEND_PROPERTY, name))
@@ -217,11 +217,10 @@ class Collector:
         path = config.getoption("concur_report", None)
         if path:
             self.written.append(write_report(config, os.path.join(here, path)))
-        page = config.getoption("concur_html", None)
-        if page:
-            from pytest_concur import _html
 
-            self.written.append(_html.write(config, records(config), os.path.join(here, page)))
+
+# The name the plugin registers its Collector under.
+COLLECTOR = "concur-summary-collector"
 
 
 def _outcome(report: pytest.TestReport) -> str | None:
@@ -371,6 +370,13 @@ def report_data(config: pytest.Config) -> dict[str, Any]:
 def write_report(config: pytest.Config, path: str) -> str:
     """Write the ``--concur-report`` document to ``path``; the absolute path."""
     return write_file(path, json.dumps(report_data(config), indent=2) + "\n")
+
+
+def note_written(config: pytest.Config, path: str) -> None:
+    """List ``path`` among the files the summary section says were written."""
+    collector = config.pluginmanager.get_plugin(COLLECTOR)
+    if isinstance(collector, Collector):
+        collector.written.append(path)
 
 
 def write_file(path: str, text: str) -> str:

@@ -45,7 +45,6 @@ from typing import Any, final
 
 import pytest
 
-from pytest_concur import _locks
 from pytest_concur._state import BACKEND_NAME
 
 INI = "concur_timeout"
@@ -204,6 +203,8 @@ def _in_cleanup(frame: FrameType | None) -> bool:
     and ``end`` are called from our code), the lock tracking being put in place or back,
     a runner closing, a child process being stopped, our own deadline's bookkeeping.
     """
+    from pytest_concur import _locks  # (not at the top: pytest --help needs no lock tracker)
+
     codes = _cleanup_codes()
     while frame is not None:
         code = frame.f_code
@@ -222,7 +223,7 @@ def _in_cleanup(frame: FrameType | None) -> bool:
 
 _CLEANUP = {
     "pytest_concur._locks": ("tracking.__enter__", "tracking.__exit__", "tracking._restore"),
-    "pytest_concur._backends.base": ("_report", "end_watches"),
+    "pytest_concur._watching": ("_report", "end_watches"),
     "pytest_concur._backends.process": (
         "_ProcessRunner.close",
         "_stop",
@@ -341,7 +342,7 @@ def _strike_if_due(item: pytest.Item) -> None:
 
 
 def is_backend_item(item: pytest.Item) -> bool:
-    from pytest_concur.plugin import _backend_name
+    from pytest_concur._state import parametrized_backend as _backend_name
 
     return _backend_name(item) is not None
 

@@ -33,8 +33,6 @@ The design, and what it keeps:
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import functools
 import pickle
 import sys
@@ -42,12 +40,15 @@ import traceback
 import unittest
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_concur import _marker, _registry
 from pytest_concur._state import BACKEND_NAME
+
+if TYPE_CHECKING:
+    import asyncio
 
 # The TestCase method an item runs.
 _METHOD = pytest.StashKey[str]()
@@ -270,6 +271,8 @@ async def run_on_running_loop(case: unittest.IsolatedAsyncioTestCase) -> None:
 
 async def _on_running_loop(case: unittest.IsolatedAsyncioTestCase) -> None:
     __tracebackhide__ = True
+    import asyncio  # only here: a session of plain TestCases never needs it
+
     runner = _OnLoop(asyncio.get_running_loop())
     # The class makes an asyncio.Runner of its own in run(): hand it ours instead. These
     # two methods are the class's seam for its runner (3.11 to 3.14); the instance's own
@@ -294,6 +297,8 @@ class _OnLoop:
         return self._loop
 
     def run(self, coro: Any, *, context: Any = None) -> Any:
+        import concurrent.futures
+
         done: concurrent.futures.Future[Any] = concurrent.futures.Future()
 
         def finish(task: asyncio.Task[Any]) -> None:

@@ -7,20 +7,21 @@ multiprocessing, asyncio) is imported when the first test needs it, not by
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
-from collections.abc import Generator
+from collections.abc import Callable, Coroutine, Generator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur import _claim, _fixtures, _marker, _registry
-from pytest_concur._state import BACKEND_FIXTURE, BACKEND_NAME, CURRENT_ITEM
+from pytest_concur import _claim, _marker, _registry
+from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE
+from pytest_concur._state import parametrized_backend as _backend_name
 
 if TYPE_CHECKING:
     from pytest_concur._workers import Concur
 
-FIXTURE = BACKEND_FIXTURE
 _RUNNER = pytest.StashKey[Any]()
 # Functions whose backend marker was rejected, by nodeid: the message their items fail with.
 _MARKER_ERRORS = pytest.StashKey[dict[str, str]]()
@@ -215,10 +216,14 @@ def pytest_configure(config: pytest.Config) -> None:
         "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
         "0.1); 0 turns the check off.",
     )
-    from pytest_concur import _backends, _checks, _summary, _timeout
+    from pytest_concur import _backends, _checks, _fixtures, _summary, _timeout
 
     config.pluginmanager.register(_summary, "concur-summary")
-    config.pluginmanager.register(_summary.Collector(config), "concur-summary-collector")
+    config.pluginmanager.register(_summary.Collector(config), _summary.COLLECTOR)
+    if config.getoption("concur_html", None):
+        from pytest_concur import _html
+
+        config.pluginmanager.register(_html, "concur-html")
 
     config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
@@ -381,7 +386,6 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     if name is None:
         return None
     from pytest_concur._backends.base import BodyCall
-    from pytest_concur._loop import item_loop
     from pytest_concur._stress import copies
 
     config = pyfuncitem.config
@@ -391,7 +395,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         item=pyfuncitem,
         function=pyfuncitem.obj,
         kwargs=_body_kwargs(pyfuncitem),
-        run_coroutine=item_loop(pyfuncitem).run,
+        run_coroutine=functools.partial(_run_on_item_loop, pyfuncitem),
         watches=[watch for watch in watches if watch is not None],
         workers=copies(pyfuncitem),
     )
@@ -450,35 +454,43 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
             _close(item)
 
 
-def _close(item: pytest.Item) -> None:
-    from pytest_concur._loop import close_item_loop
+def _run_on_item_loop(item: pytest.Item, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` on the item's own loop, made on first use: a sync body never needs one."""
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    from pytest_concur._loop import item_loop
 
+    return item_loop(item).run(coro)
+
+
+def _close(item: pytest.Item) -> None:
     runner = item.stash.get(_RUNNER, None)
     try:
         if runner is not None:
             del item.stash[_RUNNER]
             runner.close()
     finally:
-        close_item_loop(item)
-
-
-def _backend_name(item: pytest.Item) -> str | None:
-    callspec = getattr(item, "callspec", None)
-    if callspec is None:
-        return None
-    name = callspec.params.get(FIXTURE)
-    return name if isinstance(name, str) else None
+        # No module, no loop: a session of sync bodies need not import asyncio to say so.
+        loops = sys.modules.get("pytest_concur._loop")
+        if loops is not None:
+            loops.close_item_loop(item)
 
 
 def _body_kwargs(item: pytest.Function) -> dict[str, Any]:
     """The fixture values and parameters the test function itself takes."""
     funcargs = item.funcargs
+    function = item.obj
+    if inspect.ismethod(function):  # a method's items are bound to instances of their own
+        names = _parameter_names(function.__func__)[1:]
+    else:
+        names = _parameter_names(function)
+    return {name: funcargs[name] for name in names if name in funcargs}
+
+
+@functools.lru_cache(maxsize=4096)
+def _parameter_names(function: Callable[..., Any]) -> tuple[str, ...]:
+    """The names ``function`` takes by keyword: read once per test function, not per item."""
     try:
-        parameters = inspect.signature(item.obj).parameters.values()
+        parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # pragma: no cover - builtins and the like
-        return {}
-    return {
-        p.name: funcargs[p.name]
-        for p in parameters
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name in funcargs
-    }
+        return ()
+    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

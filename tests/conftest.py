@@ -9,12 +9,23 @@ from __future__ import annotations
 import asyncio.base_events  # noqa: F401
 import concurrent.futures.process
 import concurrent.futures.thread  # noqa: F401
+import importlib
 import multiprocessing.pool
 import multiprocessing.synchronize  # noqa: F401
+import pkgutil
 import subprocess  # noqa: F401
 from collections.abc import Callable
 
 import pytest
+
+import pytest_concur
+
+# The same holds for pytest-concur's own modules, which the plugin imports only once a
+# session needs them: one first imported by an inline run would be dropped when the run
+# ends while its package keeps the attribute, and the next run would mix two copies of it
+# (pickle then refuses the process backend's outcome: "not the same object").
+for _module in pkgutil.walk_packages(pytest_concur.__path__, "pytest_concur."):
+    importlib.import_module(_module.name)
 
 pytest_plugins = ["pytester"]
 

@@ -31,8 +31,8 @@ from typing import Any, NoReturn
 import pytest
 
 from pytest_concur import _locks
-from pytest_concur._backends.base import run_watched, run_watched_async
 from pytest_concur._report import end_at_the_wait
+from pytest_concur._watching import run_watched, run_watched_async
 
 
 @dataclasses.dataclass

@@ -31,12 +31,15 @@ from typing import TYPE_CHECKING, Any, NoReturn, final
 
 import pytest
 
-from pytest_concur import _hang, _locks
-from pytest_concur._backends import _child
 from pytest_concur._backends.base import BodyCall
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
+
+    from pytest_concur._backends import _child
+
+# What runs and watches a child (_child, _hang: asyncio, the lock tracker) is imported by the
+# functions that use it: every session makes a ProcessBackend, few run a test under it.
 
 START_METHODS = ("auto", "fork", "forkserver", "spawn")
 START_METHOD_OPTION = "--concur-start-method"
@@ -128,6 +131,8 @@ class _ProcessRunner:
         import multiprocessing
         import multiprocessing.connection
 
+        from pytest_concur._backends import _child
+
         config = self._item.config
         job = _child.Job(
             function=call.function,
@@ -216,6 +221,9 @@ class _ProcessRunner:
     ) -> tuple[BaseProcess, Any, tuple[Path, Path] | None]:
         """Start one child running ``job``; its process, pipe end and output files."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
+        from pytest_concur import _hang
+        from pytest_concur._backends import _child
+
         config = self._item.config
         method, why = self._method, self._why
         reader, writer = ctx.Pipe(duplex=False)
@@ -327,6 +335,8 @@ def _receive(
 ) -> _child.Outcome | None:
     """Wait for the child's outcome; ``None`` if it ended without sending one."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    from pytest_concur._backends import _child
+
     while True:
         ready = wait([reader, process.sentinel])
         if reader in ready:
@@ -346,6 +356,8 @@ def _dump_stacks(process: BaseProcess, stacks: Path) -> None:
 
     pytest-concur's own deadline has them in its report already.
     """
+    from pytest_concur import _hang
+
     pid = process.pid
     if _hang.DUMP_SIGNAL is None or pid is None or _hang.reported(pid):
         return
@@ -367,6 +379,8 @@ def _stop(process: BaseProcess) -> None:
     The child's own children would be orphans that outlive the session: they are ended too
     (on Linux, where /proc tells who they are).
     """
+    from pytest_concur import _hang
+
     pid = process.pid
     if pid is None:
         return  # never started: a deadline struck while it was being started
@@ -427,6 +441,8 @@ def _end_orphans(pids: list[int]) -> None:
 
 def _exists(pid: int) -> bool:
     """Whether ``pid`` is still a live process (not ours to reap: it is another's child)."""
+    from pytest_concur import _hang
+
     fields = _hang.proc_stat(pid)
     return fields is not None and bool(fields) and fields[0] != "Z"
 
@@ -468,6 +484,8 @@ def _forward_crash_dump(process: BaseProcess, path: Path) -> bool:
         return False
     if not text.strip():
         return False
+    from pytest_concur import _hang
+
     lines = [
         line
         for line in _hang.filter_dump(text).splitlines()
@@ -483,7 +501,10 @@ def _replay(outcome: _child.Outcome) -> None:
     """Give the child's warnings and sys-captured output to this process's pytest."""
     _forward(outcome.stdout, sys.stdout)
     _forward(outcome.stderr, sys.stderr)
-    _locks.note_graphs(outcome.graphs)
+    if outcome.graphs:
+        from pytest_concur import _locks
+
+        _locks.note_graphs(outcome.graphs)
     for message, category_bytes, filename, lineno in outcome.warnings:
         category: type[Warning] = UserWarning
         if category_bytes is not None:
@@ -497,6 +518,7 @@ def _replay(outcome: _child.Outcome) -> None:
 
 
 def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
+    from pytest_concur._backends import _child
     from pytest_concur._report import attach_longrepr
 
     exc: BaseException | None = None

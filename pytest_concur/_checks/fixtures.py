@@ -220,7 +220,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     state = session.config.stash.get(_STATE, None)
     if state is None or state.check_all:
         return
-    from pytest_concur.plugin import _backend_name
+    from pytest_concur._state import parametrized_backend as _backend_name
 
     names = frozenset(
         name
@@ -364,7 +364,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
     if state is None or not state.check_all or backend_of(pyfuncitem) is not None:
         return (yield)
     from pytest_concur import _registry
-    from pytest_concur._backends.base import _report
+    from pytest_concur._watching import _report
 
     checks = pyfuncitem.config.stash[_registry.CHECKS]
     watches = [watch for check in checks if (watch := check.watch(pyfuncitem)) is not None]
