@@ -464,3 +464,58 @@ def test_anyio_worker_threads_on_asyncio_are_a_process_wide_cache(
     result = run(pytester, *args)
     result.assert_outcomes(passed=1, deselected=1)
     result.stdout.no_fnmatch_line("pytest-concur: the test left*")
+
+
+@pytest.mark.parametrize("mode", MODES, indirect=True)
+def test_child_process_a_fixtures_object_starts_lazily_is_the_fixtures(
+    pytester: pytest.Pytester, mode: tuple[str, ...]
+) -> None:
+    result = run_module(
+        pytester,
+        mode,
+        None,
+        """
+        import subprocess
+        import sys
+        import pytest
+
+        class Server:
+            def __init__(self):
+                self.child = None
+
+            def url(self):
+                if self.child is None:
+                    self.child = subprocess.Popen([sys.executable, "-c", "input()"],
+                                                  stdin=subprocess.PIPE)
+                return "http://127.0.0.1:1"
+
+            def stop(self):
+                if self.child is not None:
+                    self.child.communicate(b"\\n")
+
+        @pytest.fixture
+        def server():
+            server = Server()
+            yield server
+            server.stop()
+
+        @pytest.fixture(scope="module")
+        def forgotten():
+            yield Server()  # its child is never stopped
+
+        def test_url(server):
+            assert server.url()
+
+        def test_forgotten(forgotten):
+            assert forgotten.url()
+        """,
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*ERROR at teardown of test_forgotten*",
+            "pytest-concur: fixture 'forgotten' (*.py:25) left 1 child process running",
+            "  Process * (pid *) started at *.py:11 in Server.url",
+        ]
+    )
+    result.stdout.no_fnmatch_line("*test_url*")

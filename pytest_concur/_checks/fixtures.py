@@ -14,10 +14,19 @@ its setup to the end of its teardown:
   ``threads.Lineage`` itself, ``tasks.record_for`` (tasks, and event loops that are not
   pytest-concur's own) and ``processes.record_for`` (children and process pools).
 
-In ``pytest_fixture_post_finalizer`` (after the teardown) the checks' own verdicts judge
-what is still running after the grace period (``concur_leak_grace``), with the fixture
-named ("fixture 'server' (conftest.py:12) left 1 thread running"), and clean it up as
-they do for a body. Fixtures of pytest itself and of pytest-concur are not watched.
+When the runtest phase that tore the fixture down ends (after every teardown that ran with
+it: a cleanup fixture torn down later may stop what it started), the checks' own verdicts
+judge what is still running after the grace period (``concur_leak_grace``), with the
+fixture named ("fixture 'server' (conftest.py:12) left 1 thread running"), and clean it up
+as they do for a body; its tasks are judged in ``pytest_fixture_post_finalizer``, right
+after its own teardown, since the item's loop closes before the phase ends. The body's
+threads that were still running when it returned wait for the same moment
+(``_leak.later_for``) and are judged first. Fixtures of pytest itself and of pytest-concur
+are not watched.
+
+A fixture's value (``Lineage.own``) makes the fixture the owner of what the value's
+methods start while tests use it (``threads.owner_of``): a body's recordings hand such
+threads, pools and processes to the fixture's.
 
 A fixture set up while another one's code runs (``request.getfixturevalue`` in a fixture)
 owns what is started meanwhile: the fixtures whose code runs form a stack, and only the
@@ -111,7 +120,9 @@ class _Fixture:
         try:
             if processes.NAME not in allow.checks_off:
                 watch: LeakWatch = processes.ProcessesWatch(allow, grace, owner)
-                self.checks.append((watch, processes.record_for(acting)))
+                recording = processes.record_for(acting)
+                self.lineage.takers[processes.NAME] = recording
+                self.checks.append((watch, recording))
             if tasks.NAME not in allow.checks_off:
                 watch = tasks.TasksWatch(allow, grace, owner)
                 self.checks.append((watch, tasks.record_for(acting)))

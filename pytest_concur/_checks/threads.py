@@ -14,8 +14,12 @@ loop's thread, the child process) two process-wide hooks are in place, both take
   exceptions of recorded threads, formatted where they happen, and hands every other
   thread's exception to the hook that was there before.
 
+A thread or pool that a method of a live fixture's object starts is handed to that
+fixture's lineage instead (``owner_of``, below), and judged at its teardown.
+
 At ``end``, recorded threads still alive are given the grace period (``concur_leak_grace``)
-to finish; those still running then are reported. Python cannot stop a thread, so they are
+to finish; those still running then are reported. When a fixture of the test has a
+teardown, they are judged after the item's whole teardown instead (``_leak.later_for``). Python cannot stop a thread, so they are
 left running, except the workers of a ``ThreadPoolExecutor`` the body never shut down:
 the executor is shut down, which ends its idle workers. Workers of the running loop's
 default executor belong to the loop, which its owner shuts down when it closes it; threads
@@ -331,6 +335,9 @@ class Lineage(_Recording):
         self.executors = []
         # The fixture's value, once set up (see ``own``).
         self.values: list[object] = []
+        # The fixture's recordings of the other checks, by check name: what a body's
+        # recording hands over when a method of the fixture's objects starts it.
+        self.takers: dict[str, Recording] = {}
         self._hook = self._previous_hook = None
         with _lineages_lock:
             _LINEAGES.append(self)
@@ -367,6 +374,7 @@ class Lineage(_Recording):
         with self.lock:
             self.active = False
             self.values.clear()
+            self.takers.clear()
         self._stop_listening()
         with _lineages_lock:
             if self in _LINEAGES:
