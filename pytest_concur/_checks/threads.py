@@ -35,6 +35,7 @@ import contextlib
 import fnmatch
 import functools
 import inspect
+import itertools
 import os
 import sys
 import threading
@@ -417,7 +418,7 @@ def acting_for_a_fixture() -> bool:
 # of a start while fixtures are live (a big graph is cut short, and its far objects are then
 # taken for the body's: a report, never a silenced leak).
 _DEPTH = 3
-_BUDGET = 2000
+_BUDGET = 1000
 # Frames never acting for a user's object: ours and pytest's machinery around the body.
 _MACHINERY = tuple(
     os.path.join(os.path.dirname(module.__file__ or ""), "")
@@ -481,27 +482,29 @@ def owner_of(things: tuple[object, ...] = (), body: Body | None = None) -> Linea
             values = list(lineage.values)
         if any(id(value) in candidates for value in values):
             return lineage
+    budget = [_BUDGET]  # shared by all the fixtures: the cost of one start is bounded
     for lineage in reversed(lineages):
         with lineage.lock:
             values = list(lineage.values)
-        if _reaches(values, candidates):
+        if _reaches(values, candidates, budget):
             return lineage
     return None
 
 
-def _reaches(roots: list[object], targets: dict[int, object]) -> bool:
+def _reaches(roots: list[object], targets: dict[int, object], budget: list[int]) -> bool:
     seen: set[int] = set()
     layer = roots
     for _ in range(_DEPTH + 1):
         below: list[object] = []
         for thing in layer:
+            budget[0] -= 1  # every object looked at counts, a leaf too
+            if budget[0] < 0:
+                return False
             if isinstance(thing, _LEAVES) or id(thing) in seen:
                 continue
             if id(thing) in targets:
                 return True
             seen.add(id(thing))
-            if len(seen) > _BUDGET:
-                return False
             below.extend(_parts(thing))
         layer = below
     return False
@@ -509,25 +512,36 @@ def _reaches(roots: list[object], targets: dict[int, object]) -> bool:
 
 def _parts(thing: object) -> list[object]:
     """What ``thing`` holds, read without running its code (no properties, no __getattr__)."""
+    cls: Any = type(thing)  # (typed as object's type, mypy takes it for unhashable)
     try:
         if isinstance(thing, dict):
-            return list(thing.values())
+            return list(itertools.islice(thing.values(), _BUDGET))
         if isinstance(thing, (list, tuple, set, frozenset, collections.deque)):
-            return list(thing)
+            return list(itertools.islice(thing, _BUDGET))
         if isinstance(thing, types.MethodType):
             return [thing.__self__]
         if isinstance(thing, weakref.ref):
             return [thing()]
         parts: list[object] = []
-        with contextlib.suppress(AttributeError):
-            parts.extend(object.__getattribute__(thing, "__dict__").values())
-        for cls in type(thing).__mro__:
-            for slot in cls.__dict__.get("__slots__", ()):
-                with contextlib.suppress(AttributeError, TypeError):
-                    parts.append(object.__getattribute__(thing, slot))
+        if cls.__dictoffset__:  # instances have a __dict__
+            mapping = object.__getattribute__(thing, "__dict__")
+            parts.extend(itertools.islice(mapping.values(), _BUDGET))
+        for slot in _slots(cls):
+            with contextlib.suppress(AttributeError):  # an empty slot
+                parts.append(object.__getattribute__(thing, slot))
         return parts
-    except RuntimeError:  # changed size while we read it (another thread): not followed
+    except (AttributeError, TypeError, RuntimeError):
+        # No __dict__ after all, or one changed while we read it (another thread).
         return []
+
+
+@functools.lru_cache(maxsize=512)
+def _slots(cls: type) -> tuple[str, ...]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get("__slots__", ())
+        names.extend([declared] if isinstance(declared, str) else declared)
+    return tuple(name for name in names if name not in ("__dict__", "__weakref__"))
 
 
 def _bound_to(target: object) -> tuple[object, ...]:
