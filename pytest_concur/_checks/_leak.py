@@ -9,7 +9,9 @@ and always closing the recording.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar, Protocol, final
+import inspect
+from collections.abc import Callable
+from typing import Any, ClassVar, Protocol, final
 
 import pytest
 
@@ -32,6 +34,51 @@ class Owner:
 
 
 TEST = Owner()
+
+# Fixtures of pytest and of pytest-concur start nothing that outlives them, and stop nothing
+# a test started.
+UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
+# Verdicts on what a body left running, put off until the item's teardown is over (see
+# ``later_for``): run, in order, once every fixture torn down with the item is finalized.
+LATER = pytest.StashKey[list[Callable[[], "str | None"]]]()
+
+
+def later_for(item: pytest.Item) -> list[Callable[[], str | None]] | None:
+    """Where a body's leftovers wait for the item's teardown, or None to judge them now.
+
+    A fixture torn down after the body (a cleanup fixture that stops every actor, a
+    teardown that joins what the test started) may still stop what the body left running:
+    those leftovers are judged once the whole teardown is over. A test whose fixtures have
+    no teardown is judged right after its body, as its failure.
+    """
+    if not _has_teardown(item):
+        return None
+    later = item.stash.get(LATER, None)
+    if later is None:
+        later = item.stash[LATER] = []
+    return later
+
+
+def _has_teardown(item: pytest.Item) -> bool:
+    info: Any = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    for name, fixturedefs in info.name2fixturedefs.items():
+        for fixturedef in fixturedefs:
+            function = inspect.unwrap(fixturedef.func)
+            module = str(getattr(function, "__module__", None) or "")
+            if module.startswith(UNWATCHED_MODULES):
+                if name.startswith("_xunit_setup"):  # teardown_method() and its kin
+                    return True
+                continue
+            code = getattr(function, "__code__", None)
+            if (
+                inspect.isgeneratorfunction(function)
+                or inspect.isasyncgenfunction(function)
+                or (code is not None and "addfinalizer" in code.co_names)
+            ):
+                return True
+    return False
 
 
 class Recording(Protocol):

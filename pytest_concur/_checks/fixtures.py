@@ -14,10 +14,19 @@ its setup to the end of its teardown:
   ``threads.Lineage`` itself, ``tasks.record_for`` (tasks, and event loops that are not
   pytest-concur's own) and ``processes.record_for`` (children and process pools).
 
-In ``pytest_fixture_post_finalizer`` (after the teardown) the checks' own verdicts judge
-what is still running after the grace period (``concur_leak_grace``), with the fixture
-named ("fixture 'server' (conftest.py:12) left 1 thread running"), and clean it up as
-they do for a body. Fixtures of pytest itself and of pytest-concur are not watched.
+When the runtest phase that tore the fixture down ends (after every teardown that ran with
+it: a cleanup fixture torn down later may stop what it started), the checks' own verdicts
+judge what is still running after the grace period (``concur_leak_grace``), with the
+fixture named ("fixture 'server' (conftest.py:12) left 1 thread running"), and clean it up
+as they do for a body; its tasks are judged in ``pytest_fixture_post_finalizer``, right
+after its own teardown, since the item's loop closes before the phase ends. The body's
+threads that were still running when it returned wait for the same moment
+(``_leak.later_for``) and are judged first. Fixtures of pytest itself and of pytest-concur
+are not watched.
+
+A fixture's value (``Lineage.own``) makes the fixture the owner of what the value's
+methods start while tests use it (``threads.owner_of``): a body's recordings hand such
+threads, pools and processes to the fixture's.
 
 A fixture set up while another one's code runs (``request.getfixturevalue`` in a fixture)
 owns what is started meanwhile: the fixtures whose code runs form a stack, and only the
@@ -63,6 +72,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
+from pytest_concur._checks._leak import LATER, UNWATCHED_MODULES
 from pytest_concur._state import CURRENT_ITEM, backend_of
 
 if TYPE_CHECKING:
@@ -74,8 +84,6 @@ CHECK_ALL_INI = "concur_check_all_tests"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
 # tracked one during bodies, and our own bookkeeping must not be tracked.
 _real_lock = threading.Lock
-# Fixtures of pytest and of pytest-concur start nothing that outlives them.
-_UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
 
 _STATE = pytest.StashKey["_Session"]()
 
@@ -103,13 +111,18 @@ class _Fixture:
         # Judged in the order the body's checks end: the pools and loops first (their
         # helper threads are theirs), the threads last.
         self.checks: list[tuple[LeakWatch, Recording]] = []
+        # Judged already (``judge_tasks``): their reports, and their recordings to close.
+        self.problems: list[str] = []
+        self.closing: list[Recording] = []
         # Made even when the threads check is off: the others record what it does.
         self.lineage: Lineage = threads.Lineage()
         acting = self.lineage.acting
         try:
             if processes.NAME not in allow.checks_off:
                 watch: LeakWatch = processes.ProcessesWatch(allow, grace, owner)
-                self.checks.append((watch, processes.record_for(acting)))
+                recording = processes.record_for(acting)
+                self.lineage.takers[processes.NAME] = recording
+                self.checks.append((watch, recording))
             if tasks.NAME not in allow.checks_off:
                 watch = tasks.TasksWatch(allow, grace, owner)
                 self.checks.append((watch, tasks.record_for(acting)))
@@ -122,25 +135,44 @@ class _Fixture:
             threads_watch.loop_pools_are_loops = True
             self.checks.append((threads_watch, self.lineage))
 
+    def judge_tasks(self) -> None:
+        """Judge its tasks now, right after its teardown, before ``judge`` judges the rest.
+
+        A function-scoped async fixture's tasks run on the item's loop, which pytest-concur
+        closes (cancelling what is left) before later teardowns end; and a task, as for a
+        body, has no grace period: it could only go on running on a loop nobody runs.
+        """
+        from pytest_concur._checks.tasks import TasksWatch
+
+        for watch, recording in list(self.checks):
+            if isinstance(watch, TasksWatch):
+                self.checks.remove((watch, recording))
+                self.closing.append(recording)
+                self.problems.extend(self._verdict(watch, recording))
+
+    def _verdict(self, watch: LeakWatch, recording: Recording) -> list[str]:
+        try:
+            problem = watch.verdict(recording)
+        except Exception as error:  # a broken check must not hide the others
+            problem = f"check {type(watch).__qualname__} failed: {error!r}"
+        return [problem] if problem else []
+
     def judge(self) -> str | None:
         """What the fixture left running, or None; cleans up; closes the recordings."""
         problems = [self.bad_marker] if self.bad_marker else []
+        problems.extend(self.problems)
         try:
             for watch, recording in self.checks:
-                try:
-                    problem = watch.verdict(recording)
-                except Exception as error:  # a broken check must not hide the others
-                    problem = f"check {type(watch).__qualname__} failed: {error!r}"
-                if problem:
-                    problems.append(problem)
+                problems.extend(self._verdict(watch, recording))
         finally:
             self.close()
         return "\n\n".join(problems) or None
 
     def close(self) -> None:
-        for _, recording in reversed(self.checks):
+        for recording in [*reversed([r for _, r in self.checks]), *self.closing]:
             if recording is not self.lineage:
                 recording.close()
+        self.closing.clear()
         self.lineage.close()
 
 
@@ -170,6 +202,8 @@ class _Session:
         self.live: dict[pytest.FixtureDef[Any], _Fixture] = {}
         # The fixtures whose own code runs, innermost last: the last one has the thread.
         self.acting: list[_Fixture] = []
+        # Torn down, judged when the phase that tore them down ends (see _judge_finalized).
+        self.finalized: list[_Fixture] = []
         self.reports: list[str] = []
 
     def push(self, fixture: _Fixture) -> None:
@@ -209,8 +243,9 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         return
     del config.stash[_STATE]
     with state.lock:
-        left = list(state.live.values())
+        left = state.finalized + list(state.live.values())
         state.live.clear()
+        state.finalized.clear()
         state.acting.clear()
     for fixture in reversed(left):
         fixture.close()
@@ -234,7 +269,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 def _watched(state: _Session, fixturedef: pytest.FixtureDef[Any], config: pytest.Config) -> bool:
     module = str(getattr(fixturedef.func, "__module__", None) or "")
-    if module.startswith(_UNWATCHED_MODULES):
+    if module.startswith(UNWATCHED_MODULES):
         return False
     with state.lock:
         if state.check_all or fixturedef.argname in state.names or state.acting:
@@ -270,7 +305,9 @@ def pytest_fixture_setup(
         state.live[fixturedef] = fixture
     state.push(fixture)
     try:
-        return (yield)
+        value = yield
+        fixture.lineage.own(value)  # what its objects start from now on is the fixture's
+        return value
     finally:
         state.pop(fixture)
         # Runs right before the fixture's own teardown: its code acts for it again.
@@ -289,12 +326,48 @@ def pytest_fixture_post_finalizer(
         return  # not watched, or pytest 8 calling again for the same teardown
     state.pop(fixture)
     try:
-        report = fixture.judge()
-    except Exception as exc:  # pragma: no cover - judge() already guards each check
-        report = f"pytest-concur could not judge fixture {fixture.name!r}: {exc!r}"
-    if report:
+        fixture.judge_tasks()
+    finally:
         with state.lock:
-            state.reports.append(report)
+            state.finalized.append(fixture)
+
+
+def _judge_finalized(state: _Session) -> None:
+    """Judge the fixtures torn down so far, in the order they were, and queue the verdicts.
+
+    Not right after a fixture's own teardown: the teardowns that run after it in the same
+    phase (a fixture set up before it, one that stops every actor) may still stop what it
+    started, and a fixture is only at fault for what is running once they all have run.
+    """
+    while True:
+        with state.lock:
+            if not state.finalized:
+                return
+            fixture = state.finalized.pop(0)
+        try:
+            report = fixture.judge()
+        except Exception as exc:  # pragma: no cover - judge() already guards each check
+            report = f"pytest-concur could not judge fixture {fixture.name!r}: {exc!r}"
+        if report:
+            with state.lock:
+                state.reports.append(report)
+
+
+def _judge_later(item: pytest.Item) -> None:
+    """Judge what the body left running for the teardown to stop (``_leak.later_for``)."""
+    state = item.config.stash.get(_STATE, None)
+    later = item.stash.get(LATER, None)
+    if state is None or not later:
+        return
+    verdicts, later[:] = list(later), []
+    for verdict in verdicts:
+        try:
+            report = verdict()
+        except Exception as exc:  # pragma: no cover - a broken check must not hide the others
+            report = f"pytest-concur could not judge what the test left running: {exc!r}"
+        if report:
+            with state.lock:
+                state.reports.append(report)
 
 
 def _report_after_phase(item: pytest.Item) -> Generator[None, None, None]:
@@ -304,9 +377,19 @@ def _report_after_phase(item: pytest.Item) -> Generator[None, None, None]:
     try:
         yield
     except BaseException as exc:
+        _judge_phase(item)
         _add_reports(item.config, exc)
         raise
+    _judge_phase(item)
     _raise_reports(item.config)
+
+
+def _judge_phase(item: pytest.Item) -> None:
+    # The body's leftovers first: the test is named before its fixtures.
+    _judge_later(item)
+    state = item.config.stash.get(_STATE, None)
+    if state is not None:
+        _judge_finalized(state)
 
 
 # Fixtures are finalized in both phases (a parametrized one before its next parameter's
@@ -343,6 +426,8 @@ def _add_reports(config: pytest.Config, exc: BaseException) -> None:
 def pytest_sessionfinish(session: pytest.Session) -> None:
     # After pytest's own sessionfinish, which tears down what the last test left set up.
     state = session.config.stash.get(_STATE, None)
+    if state is not None:
+        _judge_finalized(state)
     reports = state.take_reports() if state is not None else []
     if not reports:
         return

@@ -33,6 +33,8 @@ import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
+import pytest
+
 from pytest_concur import _hooks
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
@@ -60,13 +62,26 @@ class ProcessesCheck(LeakCheck):
         "child processes and process pools the body starts end with it, and their errors are seen"
     )
 
+    def watch(self, item: pytest.Item) -> LeakWatch | None:
+        watch = super().watch(item)
+        if isinstance(watch, ProcessesWatch):
+            from pytest_concur._checks.threads import body_of
+
+            watch.body = body_of(item)
+        return watch
+
 
 @final
 class ProcessesWatch(LeakWatch):
     """Watches one run of a body; plain data until ``begin`` (it may be pickled)."""
 
+    # The test function's code, where ownership by object stops looking (threads.owner_of).
+    body: tuple[str, int] | None = None
+
     def record(self) -> _Recording:
-        return _Recording()
+        recording = _Recording()
+        recording.body = self.body
+        return recording
 
     def verdict(self, state: Recording) -> str | None:
         assert isinstance(state, _Recording)
@@ -265,9 +280,12 @@ class _Recording:
             )
         )
 
+    body: tuple[str, int] | None = None
+
     def _on_start(self, process: BaseProcess) -> None:
-        if self._is_active():
-            self._record_process(process)
+        recording = self._taker()
+        if recording is not None:
+            recording._record_process(process)
 
     def _on_exitcode(self, process: BaseProcess, code: int) -> None:
         with self.lock:
@@ -275,26 +293,39 @@ class _Recording:
                 self.checked.add(id(process))
 
     def _on_popen(self, popen: subprocess.Popen[Any], result: None) -> None:
-        if self._is_active():
-            self._record_popen(popen)
+        recording = self._taker()
+        if recording is not None:
+            recording._record_popen(popen)
 
     def _on_pool(self, pool: Any, result: None) -> None:
-        if self._is_active():
+        recording = self._taker()
+        if recording is not None:
             site = here()
-            with self.lock:
-                self.pools.append((pool, site))
+            with recording.lock:
+                recording.pools.append((pool, site))
 
-    def _is_active(self) -> bool:
+    def _taker(self) -> _Recording | None:
+        """The recording what the calling thread starts now belongs to, if any.
+
+        A fixture's: only what its lineage starts. A body's: what the body starts, except
+        what a fixture's thread starts meanwhile, and what a method of a fixture's object
+        starts (``threads.owner_of``), which goes to that fixture's recording.
+        """
         with self.lock:
             active = self.active
         if not active:
-            return False
+            return None
         if self._acting is not None:
-            return self._acting()
-        # A body's recording: what a fixture's thread starts meanwhile is the fixture's.
-        from pytest_concur._checks.threads import acting_for_a_fixture
+            return self if self._acting() else None
+        from pytest_concur._checks.threads import acting_for_a_fixture, owner_of
 
-        return not acting_for_a_fixture()
+        if acting_for_a_fixture():
+            return None
+        lineage = owner_of(body=self.body)
+        if lineage is None:
+            return self
+        taker = lineage.takers.get(NAME)  # None when the fixture's check is off
+        return taker if isinstance(taker, _Recording) else None
 
     def _record_process(self, process: BaseProcess) -> None:
         target = getattr(process, "_target", None)

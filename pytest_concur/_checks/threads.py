@@ -14,8 +14,12 @@ loop's thread, the child process) two process-wide hooks are in place, both take
   exceptions of recorded threads, formatted where they happen, and hands every other
   thread's exception to the hook that was there before.
 
+A thread or pool that a method of a live fixture's object starts is handed to that
+fixture's lineage instead (``owner_of``, below), and judged at its teardown.
+
 At ``end``, recorded threads still alive are given the grace period (``concur_leak_grace``)
-to finish; those still running then are reported. Python cannot stop a thread, so they are
+to finish; those still running then are reported. When a fixture of the test has a
+teardown, they are judged after the item's whole teardown instead (``_leak.later_for``). Python cannot stop a thread, so they are
 left running, except the workers of a ``ThreadPoolExecutor`` the body never shut down:
 the executor is shut down, which ends its idle workers. Workers of the running loop's
 default executor belong to the loop, which its owner shuts down when it closes it; threads
@@ -26,16 +30,28 @@ Invariant: the recording state is only touched under its own lock; the GIL is no
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import fnmatch
+import functools
+import inspect
+import itertools
+import os
 import sys
 import threading
 import traceback
+import types
 import weakref
-from typing import Any, final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, final
 
+import _pytest
+import pluggy
 import pytest
 
+import pytest_concur
 from pytest_concur import _hooks
-from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
+from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording, later_for
 from pytest_concur._checks._where import (
     Site,
     callable_name,
@@ -45,6 +61,9 @@ from pytest_concur._checks._where import (
     settle,
 )
 from pytest_concur._state import backend_of
+
+if TYPE_CHECKING:
+    from types import FrameType
 
 NAME = "threads"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
@@ -61,10 +80,14 @@ class ThreadsCheck(LeakCheck):
 
     def watch(self, item: pytest.Item) -> LeakWatch | None:
         watch = super().watch(item)
-        if isinstance(watch, ThreadsWatch) and backend_of(item) is None:
-            # A plain test (--concur-check-all) is watched outside the loop that its plugin
-            # (pytest-asyncio, anyio) runs it on, and which that plugin closes later.
-            watch.loop_pools_are_loops = True
+        if isinstance(watch, ThreadsWatch):
+            if backend_of(item) is None:
+                # A plain test (--concur-check-all) is watched outside the loop that its
+                # plugin (pytest-asyncio, anyio) runs it on, and which that plugin closes later.
+                watch.loop_pools_are_loops = True
+            watch.later = later_for(item)
+            watch.pid = os.getpid()
+            watch.body = body_of(item)
         return watch
 
 
@@ -75,9 +98,17 @@ class ThreadsWatch(LeakWatch):
     # Whether the workers of every event loop's default executor are left to that loop's
     # owner, not only the running loop's: set when a fixture is judged, outside any loop.
     loop_pools_are_loops = False
+    # Where the body's leftovers wait for the item's teardown (``_leak.later_for``), and the
+    # process that may run them there (a watch sent to a child judges in the child).
+    later: list[Callable[[], str | None]] | None = None
+    pid = 0
+    # The test function's code, where ownership by object stops looking (see ``owner_of``).
+    body: Body | None = None
 
     def record(self) -> _Recording:
-        return _Recording()
+        recording = _Recording()
+        recording.body = self.body
+        return recording
 
     def verdict(self, state: Recording) -> str | None:
         assert isinstance(state, _Recording)
@@ -85,6 +116,27 @@ class ThreadsWatch(LeakWatch):
             if not state.started and not state.errors and not state.executors:
                 return None  # the common case: the body started nothing
         ignored = _loop_executor()
+        later = self.later if self.pid == os.getpid() else None
+        problems = []
+        if later is not None and any(_running(state, ignored, self.loop_pools_are_loops)):
+            # A fixture torn down later may stop them: judged after the item's teardown.
+            later.append(functools.partial(self._after_teardown, state, ignored))
+        else:
+            problems.extend(self._leaks(state, ignored))
+        with state.lock:
+            errors = list(state.errors)
+        problems.extend(
+            f"pytest-concur: an exception was raised in thread {name!r} started at {site} "
+            f"(nobody joined it to see it)\n{text.rstrip()}"
+            for name, site, text in errors
+        )
+        return "\n\n".join(problems) or None
+
+    def _after_teardown(self, state: _Recording, ignored: object) -> str | None:
+        return "\n\n".join(self._leaks(state, ignored, after_teardown=True)) or None
+
+    def _leaks(self, state: _Recording, ignored: object, after_teardown: bool = False) -> list[str]:
+        """Reports of the threads and pools still running after the grace period."""
         loop_pools = self.loop_pools_are_loops
         leaked, pools = _running(state, ignored, loop_pools)
         if leaked:
@@ -95,7 +147,7 @@ class ThreadsWatch(LeakWatch):
             (t, r) for t, r in leaked if not self.allow.allows(NAME, (t.name, r.target), r.site)
         ]
         if leaked:
-            problems.append(_leak_report(leaked, self.owner))
+            problems.append(_leak_report(leaked, self.owner, after_teardown))
             from pytest_concur import _locks, _shutdown
 
             # Reported; if one never ends, it must not hold the interpreter open at exit,
@@ -108,19 +160,17 @@ class ThreadsWatch(LeakWatch):
             if not all(self.allow.allows(NAME, (t.name, r.target), r.site) for t, r in workers)
         ]
         if open_pools:
-            problems.append(self._close_pools(open_pools))
-        with state.lock:
-            errors = list(state.errors)
-        problems.extend(
-            f"pytest-concur: an exception was raised in thread {name!r} started at {site} "
-            f"(nobody joined it to see it)\n{text.rstrip()}"
-            for name, site, text in errors
-        )
-        return "\n\n".join(problems) or None
+            problems.append(self._close_pools(open_pools, after_teardown))
+        return problems
 
-    def _close_pools(self, pools: list[tuple[Any, list[tuple[threading.Thread, _Started]]]]) -> str:
+    def _close_pools(
+        self,
+        pools: list[tuple[Any, list[tuple[threading.Thread, _Started]]]],
+        after_teardown: bool = False,
+    ) -> str:
         lines = [
             f"pytest-concur: {self.owner.subject} left {plural(len(pools), 'thread pool')} open"
+            + (_AFTER_TEARDOWN if after_teardown else "")
         ]
         stuck: list[threading.Thread] = []
         for executor, workers in pools:
@@ -140,7 +190,8 @@ class ThreadsWatch(LeakWatch):
         still = [t.name for t in stuck if t.is_alive()]
         lines.append(
             "  pytest-concur shut it down (pending work cancelled). Use the executor as a "
-            "context manager (with ThreadPoolExecutor() as pool: ...) or call shutdown()."
+            "context manager (with ThreadPoolExecutor() as pool: ...) or call shutdown()"
+            + (_OR_A_FIXTURE if after_teardown else ".")
         )
         if still:
             lines.append(
@@ -186,8 +237,17 @@ class _Recording:
             if not self.active or threading.current_thread() not in self.family:
                 return
         site = here()
-        with self.lock:
-            self.executors.append((weakref.ref(executor), site))
+        owner: _Recording = self._owner_of((executor,)) or self
+        with owner.lock:
+            owner.executors.append((weakref.ref(executor), site))
+
+    def _owner_of(self, things: tuple[object, ...]) -> Lineage | None:
+        """The fixture a thread or pool the family starts belongs to, if not the body.
+
+        A body's recording hands what the methods of a fixture's objects start to that
+        fixture's lineage (see ``owner_of``); a lineage keeps all it sees.
+        """
+        return None if isinstance(self, Lineage) else owner_of(things, self.body)
 
     def created(self) -> dict[Any, Site]:
         """The thread pools the family created that still exist, with where."""
@@ -200,6 +260,10 @@ class _Recording:
             if threading.current_thread() not in self.family:
                 return
         started = _Started(_target_name(thread), here())
+        owner = self._owner_of((thread, *_bound_to(getattr(thread, "_target", None))))
+        if owner is not None:
+            owner.adopt(thread, started)
+            return
         with self.lock:
             self.family.add(thread)
             self.started[thread] = started
@@ -212,6 +276,7 @@ class _Recording:
 
     # A fixture's lineage leaves its threads' exceptions to pytest.
     catches_exceptions = True
+    body: Body | None = None
 
     def _excepthook(self, args: threading.ExceptHookArgs) -> None:
         with self.lock:
@@ -269,10 +334,27 @@ class Lineage(_Recording):
         self.started = {}
         self.errors = []
         self.executors = []
+        # The fixture's value, once set up (see ``own``).
+        self.values: list[object] = []
+        # The fixture's recordings of the other checks, by check name: what a body's
+        # recording hands over when a method of the fixture's objects starts it.
+        self.takers: dict[str, Recording] = {}
         self._hook = self._previous_hook = None
         with _lineages_lock:
             _LINEAGES.append(self)
         self._stop_listening = _listen(self)
+
+    def own(self, value: object) -> None:
+        """What the fixture returned or yields: what its methods start is the fixture's."""
+        with self.lock:
+            if self.active:
+                self.values.append(value)
+
+    def adopt(self, thread: threading.Thread, started: _Started) -> None:
+        """A thread started on behalf of the fixture's objects: a member from now on."""
+        with self.lock:
+            self.family.add(thread)
+            self.started[thread] = started
 
     def enter(self) -> None:
         """The calling thread acts for the fixture (its setup or teardown runs)."""
@@ -292,6 +374,8 @@ class Lineage(_Recording):
     def close(self) -> None:
         with self.lock:
             self.active = False
+            self.values.clear()
+            self.takers.clear()
         self._stop_listening()
         with _lineages_lock:
             if self in _LINEAGES:
@@ -317,6 +401,154 @@ def acting_for_a_fixture() -> bool:
     with _lineages_lock:
         lineages = list(_LINEAGES)
     return any(lineage.acting() for lineage in lineages)
+
+
+# -- ownership by object: what a fixture's objects start is the fixture's ---------------------
+#
+# A fixture's value (an executor, an observer, an actor system) may start its worker on
+# first use, inside whichever test uses it first, and stop it at the fixture's teardown.
+# The rule: a thread or pool started while a method of an object the fixture owns is on
+# the starting stack (``self`` of a frame, the thread itself, the object its target is bound
+# to) belongs to that fixture. An object is the fixture's when it is the fixture's value or
+# reachable from it in a few steps (attributes, slots, containers, bound methods): what the
+# fixture made and kept. What a test body builds itself reaches no fixture's value, so a
+# body that abandons its own worker is still the body's fault.
+
+# Steps from a fixture's value, and objects looked at in all, per start: a bound on the cost
+# of a start while fixtures are live (a big graph is cut short, and its far objects are then
+# taken for the body's: a report, never a silenced leak).
+_DEPTH = 3
+_BUDGET = 1000
+# Frames never acting for a user's object: ours and pytest's machinery around the body.
+_MACHINERY = tuple(
+    os.path.join(os.path.dirname(module.__file__ or ""), "")
+    for module in (pytest_concur, pluggy, _pytest)
+)
+_LEAVES = (
+    str,
+    bytes,
+    bytearray,
+    int,
+    float,
+    complex,
+    type(None),
+    type,
+    types.ModuleType,
+    types.FunctionType,
+    types.BuiltinFunctionType,
+    types.CodeType,
+    types.FrameType,
+)
+
+
+# A test function's code, as (file, first line): plain data, a watch may be pickled.
+Body = tuple[str, int]
+
+
+def body_of(item: pytest.Item) -> Body | None:
+    """The code of ``item``'s test function, where the starting stack stops being its own."""
+    function = getattr(item, "obj", None)
+    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
+    return None if code is None else (code.co_filename, code.co_firstlineno)
+
+
+def owner_of(things: tuple[object, ...] = (), body: Body | None = None) -> Lineage | None:
+    """The live fixture that owns ``things`` or an object acting on the calling stack.
+
+    The stack is read from the start call up to the test function (``body``): what calls
+    the test (a runner fixture's event loop, the backend) does not act for it.
+    """
+    with _lineages_lock:
+        lineages = [lineage for lineage in _LINEAGES if lineage.values]
+    if not lineages:
+        return None  # the common case outside fixtures: nothing to walk
+    candidates = {id(thing): thing for thing in things}
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if body is not None and (code.co_filename, code.co_firstlineno) == body:
+            break
+        if (
+            code.co_argcount
+            and code.co_varnames[0] == "self"
+            and not code.co_filename.startswith(_MACHINERY)
+        ):
+            me = frame.f_locals.get("self")
+            candidates[id(me)] = me
+        frame = frame.f_back
+    # The innermost fixture first: it was set up last, and it is torn down first.
+    for lineage in reversed(lineages):
+        with lineage.lock:
+            values = list(lineage.values)
+        if any(id(value) in candidates for value in values):
+            return lineage
+    budget = [_BUDGET]  # shared by all the fixtures: the cost of one start is bounded
+    for lineage in reversed(lineages):
+        with lineage.lock:
+            values = list(lineage.values)
+        if _reaches(values, candidates, budget):
+            return lineage
+    return None
+
+
+def _reaches(roots: list[object], targets: dict[int, object], budget: list[int]) -> bool:
+    seen: set[int] = set()
+    layer = roots
+    for _ in range(_DEPTH + 1):
+        below: list[object] = []
+        for thing in layer:
+            budget[0] -= 1  # every object looked at counts, a leaf too
+            if budget[0] < 0:
+                return False
+            if isinstance(thing, _LEAVES) or id(thing) in seen:
+                continue
+            if id(thing) in targets:
+                return True
+            seen.add(id(thing))
+            below.extend(_parts(thing))
+        layer = below
+    return False
+
+
+def _parts(thing: object) -> list[object]:
+    """What ``thing`` holds, read without running its code (no properties, no __getattr__)."""
+    cls: Any = type(thing)  # (typed as object's type, mypy takes it for unhashable)
+    try:
+        if isinstance(thing, dict):
+            return list(itertools.islice(thing.values(), _BUDGET))
+        if isinstance(thing, (list, tuple, set, frozenset, collections.deque)):
+            return list(itertools.islice(thing, _BUDGET))
+        if isinstance(thing, types.MethodType):
+            return [thing.__self__]
+        if isinstance(thing, weakref.ref):
+            return [thing()]
+        parts: list[object] = []
+        if cls.__dictoffset__:  # instances have a __dict__
+            mapping = object.__getattribute__(thing, "__dict__")
+            parts.extend(itertools.islice(mapping.values(), _BUDGET))
+        for slot in _slots(cls):
+            with contextlib.suppress(AttributeError):  # an empty slot
+                parts.append(object.__getattribute__(thing, slot))
+        return parts
+    except (AttributeError, TypeError, RuntimeError):
+        # No __dict__ after all, or one changed while we read it (another thread).
+        return []
+
+
+@functools.lru_cache(maxsize=512)
+def _slots(cls: type) -> tuple[str, ...]:
+    names: list[str] = []
+    for klass in cls.__mro__:
+        declared = klass.__dict__.get("__slots__", ())
+        names.extend([declared] if isinstance(declared, str) else declared)
+    return tuple(name for name in names if name not in ("__dict__", "__weakref__"))
+
+
+def _bound_to(target: object) -> tuple[object, ...]:
+    """The object a thread's target is a method of (through functools.partial), if any."""
+    target = getattr(target, "func", target)  # functools.partial
+    owner = getattr(target, "__self__", None)
+    return () if owner is None or isinstance(owner, types.ModuleType) else (owner,)
 
 
 def _running(
@@ -347,7 +579,12 @@ def _running(
         if workers:
             pools[executor] = [(t, _Started(_target_name(t), site)) for t in workers]
     for thread, started in state.threads():
-        if not thread.is_alive() or _belongs_to_processes(thread) or _claimed(thread):
+        if (
+            not thread.is_alive()
+            or _belongs_to_processes(thread)
+            or _claimed(thread)
+            or _process_wide(thread)
+        ):
             continue
         executor = _executor_of(thread)
         if executor is not None and (executor not in created or executor in pools):
@@ -372,6 +609,24 @@ def _is_deadlock_error(exc: BaseException | None) -> bool:
     from pytest_concur._locks import DeadlockError
 
     return isinstance(exc, DeadlockError)
+
+
+# Idle worker threads that libraries keep process-wide, by design, for whoever needs one
+# next (like asyncio's default executor, which its loop owns): whichever test first made
+# the library start one is not at fault. As ``module.qualname`` of what the thread runs.
+PROCESS_WIDE_CACHES = (
+    # trio.to_thread.run_sync (and anyio's trio backend): idle for 10 s, then exits.
+    "trio._core._thread_cache.*",
+    # anyio.to_thread.run_sync on asyncio: idle for 10 s, stopped with the event loop.
+    "anyio._backends._asyncio.WorkerThread.*",
+)
+
+
+def _process_wide(thread: threading.Thread) -> bool:
+    runs: Any = getattr(thread, "_target", None) or type(thread).run
+    runs = getattr(runs, "__func__", runs)
+    name = f"{getattr(runs, '__module__', '')}.{getattr(runs, '__qualname__', '')}"
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in PROCESS_WIDE_CACHES)
 
 
 def _belongs_to_processes(thread: threading.Thread) -> bool:
@@ -406,8 +661,23 @@ def _loop_executor() -> object:
     return getattr(loop, "_default_executor", None)
 
 
-def _leak_report(leaked: list[tuple[threading.Thread, _Started]], owner: Owner = TEST) -> str:
-    lines = [f"pytest-concur: {owner.subject} left {plural(len(leaked), 'thread')} running"]
+# What a report of leftovers judged after the item's teardown adds: no fixture stopped them.
+_AFTER_TEARDOWN = ", still after its fixtures' teardown"
+_OR_A_FIXTURE = (
+    "; or let a fixture own it (made by the fixture, or started by the fixture's objects) "
+    "and end it in the fixture's teardown."
+)
+
+
+def _leak_report(
+    leaked: list[tuple[threading.Thread, _Started]],
+    owner: Owner = TEST,
+    after_teardown: bool = False,
+) -> str:
+    lines = [
+        f"pytest-concur: {owner.subject} left {plural(len(leaked), 'thread')} running"
+        + (_AFTER_TEARDOWN if after_teardown else "")
+    ]
     for thread, started in leaked:
         daemon = ", daemon" if thread.daemon else ""
         lines.append(
@@ -415,6 +685,14 @@ def _leak_report(leaked: list[tuple[threading.Thread, _Started]], owner: Owner =
         )
     them, are = ("it", "it is") if len(leaked) == 1 else ("them", "they are")
     when = "" if owner is TEST else f" {owner.until}"  # a test's message stays as it was
+    if after_teardown:
+        lines.append(
+            f"  Python cannot stop a thread from outside, so {are} left running. Make "
+            f"{owner.who} stop and join {them}, or start {them} from a fixture's objects and "
+            f"stop {them} in that fixture's teardown (a fixture owns what its objects start), "
+            f'or allow {them}: @pytest.mark.concur_allow(threads=["{leaked[0][0].name}"]).'
+        )
+        return "\n".join(lines)
     lines.append(
         f"  Python cannot stop a thread from outside, so {are} left running. Make {owner.who} "
         f"stop and join {them}{when}, or allow {them}: "
