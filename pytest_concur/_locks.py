@@ -1,12 +1,21 @@
 """Tracked locks and waits: the eyes of deadlock detection.
 
-``threading.Lock`` cannot be subclassed, so while a body runs under a backend the
-*factories* are replaced (``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``,
-and ``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) and
-``Thread.join`` is wrapped; everything is restored when the body ends. Locks made before
-that, or inside C code, are plain locks and invisible to us. ``Condition``, ``Semaphore``,
-``BoundedSemaphore``, ``Event``, ``Barrier`` and ``queue.Queue`` are built on these factories
-in the standard library, so they are tracked too.
+``threading.Lock`` cannot be subclassed, so the *factories* are replaced
+(``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``, ``_thread.RLock``, and
+``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) for the whole
+session, from before the first ``conftest.py`` is imported (:func:`install`, paired with
+:func:`uninstall` in the config's cleanup): locks made by fixtures of every scope, at the
+import of test modules and of the libraries they import, by threads a fixture started, are
+all tracked locks. Locks made before the plugin was loaded (pytest's own, the standard
+library's at its import), or inside C code, are plain locks and invisible to us.
+``Condition``, ``Semaphore``, ``BoundedSemaphore``, ``Event``, ``Barrier`` and
+``queue.Queue`` are built on these factories in the standard library, so they are tracked
+too.
+
+Tracking itself (the :class:`Tracker`, the ``Thread.join`` hook) is on only while a body
+runs (:class:`tracking`). Outside a body ``TRACKER`` is ``None`` and a tracked lock is a
+real lock that also remembers its owner: no global lock, no bookkeeping, and where it was
+made is kept as plain data, formatted only when a report names it.
 
 What is tracked, and the invariants:
 
@@ -115,18 +124,37 @@ def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
     A lock made in an ``__init__`` is one of many alike (every ``Account`` has one): the
     caller that made the object is added, so two of them can be told apart.
     """
+    return _format_site(_capture_site(frame, with_caller=with_caller))
+
+
+# Where a lock was made, as plain data: formatting (relpath) waits for a report, since
+# every lock of the session is made through us and most are never reported.
+_Site = tuple[str, int, str, str, int] | None
+
+
+def _capture_site(frame: FrameType | None, *, with_caller: bool = False) -> _Site:
     while frame is not None and _is_machinery(frame):
         frame = frame.f_back
     if frame is None:
-        return "<unknown>"
+        return None
     code = frame.f_code
-    site = f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
     caller = frame.f_back
     while caller is not None and caller.f_code.co_filename.startswith(_PACKAGE):
         caller = caller.f_back  # our hooks' wrappers (see _hooks) call __init__ for the user
     if (with_caller or code.co_name == "__init__") and caller is not None:
-        site += f" (from {_short(caller.f_code.co_filename)}:{caller.f_lineno})"
-    return site
+        where = caller.f_code.co_filename, caller.f_lineno
+        return (code.co_filename, frame.f_lineno, code.co_name, *where)
+    return (code.co_filename, frame.f_lineno, code.co_name, "", 0)
+
+
+def _format_site(site: _Site) -> str:
+    if site is None:
+        return "<unknown>"
+    filename, lineno, function, caller_file, caller_line = site
+    text = f"{_short(filename)}:{lineno} in {function}"
+    if caller_file:
+        text += f" (from {_short(caller_file)}:{caller_line})"
+    return text
 
 
 def _short(filename: str) -> str:
@@ -161,7 +189,7 @@ def _blocking_call(frame: FrameType | None) -> tuple[str, object] | None:
 class TrackedLock:
     """A lock (or, with ``reentrant``, an RLock) whose owner and waiters we can see."""
 
-    __slots__ = ("__weakref__", "_count", "_lock", "_reentrant", "owner", "signal", "site")
+    __slots__ = ("__weakref__", "_count", "_lock", "_made_at", "_reentrant", "owner", "signal")
 
     def __init__(self, *, reentrant: bool = False, signal: bool = False) -> None:
         self._lock = _real_rlock() if reentrant else _real_allocate_lock()
@@ -169,12 +197,20 @@ class TrackedLock:
         self._count = 0
         self.owner: int | None = None
         self.signal = signal
-        self.site = user_site(sys._getframe(1))
+        self._made_at = _capture_site(sys._getframe(1))
+
+    @property
+    def site(self) -> str:
+        """Where the lock was made: ``file:line in function``."""
+        return _format_site(self._made_at)
 
     # -- the lock API -------------------------------------------------------------------
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         __tracebackhide__ = True  # the plugin's frames are not the user's
+        if timeout != -1 and (not blocking or not 0 <= timeout <= threading.TIMEOUT_MAX):
+            # Arguments a real lock refuses: let it refuse them, with its own message.
+            return bool(self._lock.acquire(blocking, timeout))
         # Only an acquire that would wait forever takes part in lock order: a try-lock or a
         # timed acquire cannot deadlock.
         ordered = blocking and timeout < 0
@@ -250,8 +286,10 @@ class TrackedLock:
             self._count = state
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        # Like a real lock: not to be copied or pickled (a copy would share the lock).
-        raise TypeError(f"cannot pickle {type(self._lock).__name__!r} object")
+        # Like a real lock: not to be copied or pickled (a copy would share the lock), and
+        # with its words, which people (and the process backend's advice) recognise.
+        kind = type(self._lock)
+        raise TypeError(f"cannot pickle '{kind.__module__}.{kind.__qualname__}' object")
 
     def _recursion_count(self) -> int:
         # RLock's (3.11+), used by multiprocessing's resource tracker among others.
@@ -839,6 +877,9 @@ class tracking:
             # Module attributes are swapped for the block; the two methods of Thread are
             # hooked once for the session and act only while TRACKER is set (see _hooks).
             patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
+            # The factories are ours for the whole session already (see install): only
+            # what is not in place yet is swapped, so only that is put back.
+            patches = [p for p in patches if getattr(p[0], p[1]) is not p[2]]
             self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
             for owner, name, replacement in patches:
                 setattr(owner, name, replacement)
@@ -863,6 +904,41 @@ class tracking:
 
 
 _ACTIVE: tracking | None = None
+
+# The lock factories, ours for the session: (owner, name, ours).
+_FACTORIES = [patch for patch in _PATCHES if patch[2] is not _tracked_signal]
+# The factories' originals while the session has them; one entry per install() not yet
+# undone (pytester's inline runs configure a session inside a session).
+_session_saved: list[list[tuple[Any, str, Any]]] = []
+
+
+def install() -> None:
+    """Make every lock created from now on a :class:`TrackedLock`, until :func:`uninstall`.
+
+    Outside a body a tracked lock only remembers its owner: ``TRACKER`` is ``None``, so it
+    takes no global lock and keeps no books. Calls nest; each must be paired.
+    """
+    with _install_lock:
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _FACTORIES]
+        for owner, name, ours in _FACTORIES:
+            setattr(owner, name, ours)
+        _session_saved.append(saved)
+
+
+def uninstall() -> None:
+    """Undo the latest :func:`install`: the factories it found are put back.
+
+    A factory someone replaced after us (a later plugin, a test's monkeypatch still in
+    place) is theirs: left alone.
+    """
+    with _install_lock:
+        if not _session_saved:
+            return
+        for (owner, name, original), (_, _, ours) in zip(
+            _session_saved.pop(), _FACTORIES, strict=True
+        ):
+            if getattr(owner, name) is ours:
+                setattr(owner, name, original)
 
 
 def _nothing() -> None:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 FIXTURE = "concur_backend"
 _RUNNER = pytest.StashKey[Any]()
+_TRACKING_LOCKS = pytest.StashKey[bool]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -149,7 +150,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Before the first conftest.py is imported, so that its locks are tracked too.
+    _track_locks(early_config)
+
+
+def _track_locks(config: pytest.Config) -> None:
+    """Make the locks created from now on tracked ones, until the config's cleanup."""
+    if config.stash.get(_TRACKING_LOCKS, False):
+        return
+    from pytest_concur import _locks
+
+    config.stash[_TRACKING_LOCKS] = True
+    _locks.install()
+    # Run by _ensure_unconfigure, which pytest calls on every way out, a failed start too.
+    config.add_cleanup(_locks.uninstall)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _track_locks(config)  # a plugin registered after the initial conftests were loaded
     config.addinivalue_line(
         "markers",
         "backend(*names, workers=1): run this test once under each named pytest-concur "
