@@ -334,10 +334,38 @@ class TrackedLock:
         return got
 
 
+def waits_now(tracker: Tracker | None, frames: dict[int, FrameType]) -> dict[int, Wait]:
+    """Who waits for what: the tracker's waits, and waits on tracked locks begun outside it.
+
+    A thread that began to wait before the body did (a fixture's thread) waits as a plain
+    lock does, in one call we can see on its stack. Reads the tracker's table without its
+    mutex (a signal handler may hold it): a copy that a concurrent change spoilt is retried.
+    """
+    waits: dict[int, Wait] = {}
+    if tracker is not None:
+        for _ in range(10):
+            try:
+                waits = dict(tracker.waits)
+                break
+            except RuntimeError:
+                continue
+    for ident, frame in frames.items():
+        if ident in waits or frame.f_code not in _PLAIN_WAITS:
+            continue
+        lock = frame.f_locals.get("self")
+        if isinstance(lock, TrackedLock):
+            waits[ident] = Wait(kind="lock", lock=lock, ident=ident, site=user_site(frame))
+    return waits
+
+
 def _note_released(lock: TrackedLock, owner: int) -> None:
     tracker = TRACKER
     if tracker is not None:
         tracker.note_released(lock, owner)
+
+
+# Where a thread waits on a tracked lock while no tracker sees it.
+_PLAIN_WAITS = frozenset({TrackedLock._wait.__code__, TrackedLock._acquire_restore.__code__})
 
 
 @dataclasses.dataclass(eq=False)
