@@ -115,7 +115,14 @@ def _is_machinery(frame: FrameType) -> bool:
 
 def is_machinery_file(filename: str) -> bool:
     """Whether code of this file is locking machinery (the stdlib's, ours), not the user's."""
-    return any(part in filename for part in _STDLIB_SYNC)
+    # Asked for every frame a lock is made under, for every lock of the session: cached.
+    known = _MACHINERY_FILES.get(filename)
+    if known is None:
+        known = _MACHINERY_FILES[filename] = any(part in filename for part in _STDLIB_SYNC)
+    return known
+
+
+_MACHINERY_FILES: dict[str, bool] = {}
 
 
 def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
@@ -240,8 +247,7 @@ class TrackedLock:
         if owner is not None:
             _note_released(self, owner)
 
-    def __enter__(self) -> bool:
-        return self.acquire()
+    __enter__ = acquire  # one call less on the hottest path: ``with lock:``
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
@@ -815,7 +821,13 @@ def _untracked_maker(frame: FrameType | None) -> bool:
     if frame is None:
         return False
     filename = frame.f_code.co_filename
-    return any(part in filename for part in _UNTRACKED_MAKERS)
+    known = _UNTRACKED_FILES.get(filename)
+    if known is None:
+        known = _UNTRACKED_FILES[filename] = any(part in filename for part in _UNTRACKED_MAKERS)
+    return known
+
+
+_UNTRACKED_FILES: dict[str, bool] = {}
 
 
 def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:

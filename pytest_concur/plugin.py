@@ -97,6 +97,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="fail",
     )
     parser.addini(
+        "concur_session_locks",
+        "Track the locks made anywhere in the session (fixtures, imports, conftest.py) for "
+        "deadlock detection (default true); false: only those made while a body runs.",
+        type="bool",
+        default=True,
+    )
+    parser.addini(
         "concur_start_method",
         "Start method of the process backend: auto (default), fork, forkserver or spawn.",
         default="",
@@ -160,9 +167,11 @@ def _track_locks(config: pytest.Config) -> None:
     """Make the locks created from now on tracked ones, until the config's cleanup."""
     if config.stash.get(_TRACKING_LOCKS, False):
         return
+    config.stash[_TRACKING_LOCKS] = True
+    if not config.getini("concur_session_locks"):
+        return  # each body's tracking replaces the factories for its span only
     from pytest_concur import _locks
 
-    config.stash[_TRACKING_LOCKS] = True
     _locks.install()
     # Run by _ensure_unconfigure, which pytest calls on every way out, a failed start too.
     config.add_cleanup(_locks.uninstall)

@@ -170,6 +170,26 @@ def test_locks_made_outside_the_body_deadlock_and_invert_with_a_diagnosis(
     result.stdout.no_fnmatch_line("*Timeout*")
 
 
+def test_check_all_finds_the_deadlock_on_fixture_locks_in_a_plain_test(
+    pytester: pytest.Pytester,
+) -> None:
+    files, arg, pair, sites = PLACES["function fixture"]
+    pytester.makepyfile(**files)
+    pytester.makepyfile(
+        test_place=TESTS.format(arg=arg, pair=pair).replace('@pytest.mark.backend("thread")', "")
+    )
+    result = run(pytester, "--concur-check-all")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*DeadlockError: pytest-concur: deadlock: a wait-for cycle*",
+            f"*thread 'one' waits for Lock created at {sites[1]}, held by 'two'",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*potential deadlock: two locks are taken in both orders"])
+    result.stdout.no_fnmatch_line("*Timeout*")
+
+
 def test_lock_made_at_test_module_import_deadlocks_with_a_diagnosis(
     pytester: pytest.Pytester,
 ) -> None:
@@ -410,3 +430,30 @@ def test_fork_under_the_process_backend_with_locks_a_fixture_made(
     )
     result = run(pytester, "--concur-start-method=fork")
     result.assert_outcomes(passed=1)
+
+
+def test_session_locks_off_tracks_only_the_locks_a_body_makes(pytester: pytest.Pytester) -> None:
+    pytester.makeini("[pytest]\nconcur_session_locks = false\n")
+    pytester.makepyfile(
+        """
+        import _thread, threading
+        import pytest
+        from pytest_concur import _locks
+
+        AT_IMPORT = threading.Lock()
+
+        @pytest.fixture
+        def made():
+            return threading.Lock()
+
+        @pytest.mark.backend("thread")
+        def test_body(made):
+            assert type(AT_IMPORT) is type(made) is _thread.LockType
+            assert type(threading.Lock()) is _locks.TrackedLock
+
+        def test_plain():
+            assert threading.Lock is _thread.allocate_lock
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=2)
