@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import dis
 import os
 import signal
 import sys
@@ -51,7 +52,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _hooks
@@ -218,11 +219,20 @@ class TrackedLock:
         if timeout != -1 and (not blocking or not 0 <= timeout <= threading.TIMEOUT_MAX):
             # Arguments a real lock refuses: let it refuse them, with its own message.
             return bool(self._lock.acquire(blocking, timeout))
-        # Only an acquire that would wait forever takes part in lock order: a try-lock or a
-        # timed acquire cannot deadlock.
-        ordered = blocking and timeout < 0
         if self._lock.acquire(False):
-            self._took(ordered)
+            # _took, inlined: every lock of the session takes this path, mostly untracked.
+            me = _get_ident()
+            if self._reentrant:
+                if self.owner == me:
+                    self._count += 1
+                    return True
+                self._count = 1
+            self.owner = me
+            tracker = TRACKER
+            if tracker is not None and not self.signal:
+                # Only an acquire that would wait forever takes part in lock order: a
+                # try-lock or a timed acquire cannot deadlock.
+                tracker.note_acquired(self, me, bool(blocking) and timeout < 0)
             return True
         if not blocking:
             return False
@@ -236,7 +246,8 @@ class TrackedLock:
             self._count -= 1
             if self._count == 0:
                 self.owner = None
-                _note_released(self, me)
+                if TRACKER is not None:  # (a call saved on the untracked path)
+                    _note_released(self, me)
             self._lock.release()
             return
         owner = self.owner
@@ -244,7 +255,7 @@ class TrackedLock:
             self.signal = True  # released by someone else: a signal, not a mutex
         self.owner = None
         self._lock.release()
-        if owner is not None:
+        if owner is not None and TRACKER is not None:
             _note_released(self, owner)
 
     __enter__ = acquire  # one call less on the hottest path: ``with lock:``
@@ -517,8 +528,11 @@ class Tracker:
                         return attempt(0)
                     slice_ = min(slice_, remaining)
                 if attempt(slice_):
-                    if wait.kind == "join" and self.verdict is not None:
-                        # The joined thread ended only because the verdict unwound it.
+                    if wait.timeout is None and self.decided():
+                        # The joined thread ended, or the lock's holder let go, only because
+                        # the verdict unwound it: this wait is part of the deadlock too.
+                        if wait.lock is not None:
+                            wait.lock._lock.release()  # taken in attempt: not ours to keep
                         raise self._deadlock_error(wait)
                     return True
                 if wait.timeout is None:
@@ -569,6 +583,10 @@ class Tracker:
             f"{headline} (reported with this thread's first DeadlockError; this wait, "
             f"{wait.describe()} at {wait.site}, was ended too, to let the test unwind)"
         )
+
+    def decided(self) -> bool:
+        """Whether the test was declared deadlocked (another thread may do it any time)."""
+        return self.verdict is not None
 
     def abandon(self, why: str) -> None:
         """Give up on the test: every tracked wait of it raises HangError."""
@@ -662,8 +680,8 @@ class Tracker:
             if other_ident in test_threads or not thread.is_alive():
                 continue
             other = waits.get(other_ident)
-            if other is not None and other.timeout is None:
-                continue  # blocked itself
+            if other is not None and other.timeout is None and other.still_blocked():
+                continue  # blocked itself (not one whose lock was just let go: it will run)
             if not can_wake(thread, frames):
                 continue
             return None
@@ -707,13 +725,46 @@ def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
     if thread.name.startswith("pytest_timeout ") or left_behind(thread):
         return False
     frame = frames.get(thread.ident or -1)
-    if frame is not None:
-        code = frame.f_code
-        if code.co_name == "_worker" and code.co_filename.endswith(
-            os.path.join("concurrent", "futures", "thread.py")
-        ):
-            return False
-    return True
+    return frame is None or not _idle_pool_worker(frame)
+
+
+def _idle_pool_worker(frame: FrameType) -> bool:
+    """A ``ThreadPoolExecutor`` worker waiting for work that nobody has submitted yet.
+
+    Not one between two work items (it has just taken one, or just finished one): on a
+    busy machine it can stay there, in ``_worker``, for longer than the two looks take.
+    """
+    code = frame.f_code
+    if code.co_name != "_worker" or not code.co_filename.endswith(
+        os.path.join("concurrent", "futures", "thread.py")
+    ):
+        return False
+    if frame.f_lineno not in _get_lines(code):
+        return False
+    local = frame.f_locals
+    queue = local.get("work_queue")
+    # work_item is deleted after each item: present, the worker has just taken one.
+    return "work_item" not in local and queue is not None and bool(queue.empty())
+
+
+def _get_lines(code: CodeType) -> frozenset[int]:
+    """The lines of ``_worker`` where it takes the next work item from its queue."""
+    lines = _GET_LINES.get(code)
+    if lines is None:
+        found, line = set(), None
+        for instruction in dis.get_instructions(code):
+            positions = getattr(instruction, "positions", None)  # 3.11+; starts_line before
+            if positions is not None and positions.lineno is not None:
+                line = positions.lineno
+            elif type(instruction.starts_line) is int:
+                line = instruction.starts_line
+            if instruction.argval == "get" and line is not None:
+                found.add(line)
+        lines = _GET_LINES[code] = frozenset(found)
+    return lines
+
+
+_GET_LINES: dict[CodeType, frozenset[int]] = {}
 
 
 _KINDS = {
@@ -798,25 +849,38 @@ class _tracked_rlock(metaclass=_FactoryMeta):
 def _tracked_signal_lock() -> Any:
     # Condition.wait's waiter: acquired by the waiter, released by the notifier. A condition
     # whose own lock is not tracked gets an untracked waiter too.
+    # Anyone else (threading's _after_fork, in a forked child) gets a plain lock.
     caller = sys._getframe(1)
     condition = caller.f_locals.get("self") if caller.f_code.co_name == "wait" else None
-    if condition is not None and not isinstance(getattr(condition, "_lock", None), TrackedLock):
+    if condition is None or not isinstance(getattr(condition, "_lock", None), TrackedLock):
         return _real_allocate_lock()
     return TrackedLock(signal=True)
 
 
 # Who makes locks we leave untracked: importlib (module locks are signals between importing
-# threads, and it detects its own deadlocks), and multiprocessing and process pools, whose
-# threads wait on other processes through pipes and semaphores we cannot see.
+# threads, and it detects its own deadlocks), multiprocessing and process pools, whose
+# threads wait on other processes through pipes and semaphores we cannot see, and the
+# harness that runs the tests.
 _UNTRACKED_MAKERS = (
     "<frozen importlib",
     os.path.join("multiprocessing", ""),
     os.path.join("concurrent", "futures", "process.py"),
+    # And the test harness, whose locks are tracked for the whole session since the
+    # factories are: pytest and pluggy, xdist and its execnet channels (whose I/O thread
+    # takes them while bodies run), pytest-timeout's timer, coverage's collector.
+    os.path.join("", "_pytest", ""),
+    os.path.join("", "pluggy", ""),
+    os.path.join("", "xdist", ""),
+    os.path.join("", "execnet", ""),
+    "pytest_timeout.py",
+    os.path.join("", "coverage", ""),
 )
 
 
 def _untracked_maker(frame: FrameType | None) -> bool:
     while frame is not None and frame.f_code.co_filename.endswith("threading.py"):
+        if frame.f_code.co_name in _THREADING_OWN:
+            return True
         frame = frame.f_back  # a Condition or Event made by someone else
     if frame is None:
         return False
@@ -828,6 +892,9 @@ def _untracked_maker(frame: FrameType | None) -> bool:
 
 
 _UNTRACKED_FILES: dict[str, bool] = {}
+# threading's own locks, made again in a forked child (_active_limbo_lock): plain, as the
+# ones the parent made at import are.
+_THREADING_OWN = frozenset({"_after_fork", "<module>"})
 
 
 def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:

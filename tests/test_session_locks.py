@@ -426,10 +426,21 @@ def test_fork_under_the_process_backend_with_locks_a_fixture_made(
             assert os.waitstatus_to_exitcode(status) == 0
             with cond:
                 assert not cond.wait(0.01)
+
+        def test_threading_remakes_its_own_locks_plain_in_a_forked_child():
+            pid = os.fork()
+            if pid == 0:
+                plain = not isinstance(threading._active_limbo_lock, _locks.TrackedLock)
+                worker = threading.Thread(target=lambda: None)
+                worker.start()
+                worker.join()
+                os._exit(0 if plain else 1)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
         """
     )
     result = run(pytester, "--concur-start-method=fork")
-    result.assert_outcomes(passed=1)
+    result.assert_outcomes(passed=2)
 
 
 def test_session_locks_off_tracks_only_the_locks_a_body_makes(pytester: pytest.Pytester) -> None:
