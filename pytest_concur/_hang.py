@@ -187,6 +187,8 @@ def _threads(
         (ident for ident in frames if ident not in passive),
         key=lambda ident: (ident != body_thread, ident not in started, _name(names, ident)),
     )
+    waits = _locks.waits_now(tracker, frames)
+    waited_on = [w.lock for w in waits.values() if w.holder() is not None and w.lock is not None]
     # Threads alike (a pool's idle workers, copies of one loop) are shown once, as one
     # block: (roles, lines) -> the names of the threads it stands for.
     blocks: dict[tuple[str, tuple[str, ...]], list[str]] = {}
@@ -210,14 +212,18 @@ def _threads(
             role.append("daemon")
         body = stack_lines(frames[ident])
         state: list[str] = []
+        held: list[_locks.TrackedLock] = []
         if tracker is not None:
-            held = _copy(lambda ident=ident: list(tracker.held.get(ident, ())))
-            for lock in held or ():
-                kind = "RLock" if lock._reentrant else "Lock"
-                state.append(f"holds {kind} created at {lock.site}")
-            wait = _copy(lambda ident=ident: tracker.waits.get(ident))
-            if wait is not None:
-                state.append(f"{wait.describe()} (at {wait.site})")
+            held = _copy(lambda ident=ident: list(tracker.held.get(ident, ()))) or []
+        # And the locks someone waits on that this thread holds, however it took them
+        # (before the test, say): the holder of every lock a stuck thread waits on is named.
+        held += [lock for lock in waited_on if lock.owner == ident and lock not in held]
+        for lock in held:
+            kind = "RLock" if lock._reentrant else "Lock"
+            state.append(f"holds {kind} created at {lock.site}")
+        wait = waits.get(ident)
+        if wait is not None:
+            state.append(f"{wait.describe()} (at {wait.site})")
         if not body:
             target = getattr(thread, "_target", None)  # private, but the only clue left
             if target is not None:

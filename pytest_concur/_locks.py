@@ -1,12 +1,21 @@
 """Tracked locks and waits: the eyes of deadlock detection.
 
-``threading.Lock`` cannot be subclassed, so while a body runs under a backend the
-*factories* are replaced (``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``,
-and ``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) and
-``Thread.join`` is wrapped; everything is restored when the body ends. Locks made before
-that, or inside C code, are plain locks and invisible to us. ``Condition``, ``Semaphore``,
-``BoundedSemaphore``, ``Event``, ``Barrier`` and ``queue.Queue`` are built on these factories
-in the standard library, so they are tracked too.
+``threading.Lock`` cannot be subclassed, so the *factories* are replaced
+(``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``, ``_thread.RLock``, and
+``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) for the whole
+session, from before the first ``conftest.py`` is imported (:func:`install`, paired with
+:func:`uninstall` in the config's cleanup): locks made by fixtures of every scope, at the
+import of test modules and of the libraries they import, by threads a fixture started, are
+all tracked locks. Locks made before the plugin was loaded (pytest's own, the standard
+library's at its import), or inside C code, are plain locks and invisible to us.
+``Condition``, ``Semaphore``, ``BoundedSemaphore``, ``Event``, ``Barrier`` and
+``queue.Queue`` are built on these factories in the standard library, so they are tracked
+too.
+
+Tracking itself (the :class:`Tracker`, the ``Thread.join`` hook) is on only while a body
+runs (:class:`tracking`). Outside a body ``TRACKER`` is ``None`` and a tracked lock is a
+real lock that also remembers its owner: no global lock, no bookkeeping, and where it was
+made is kept as plain data, formatted only when a report names it.
 
 What is tracked, and the invariants:
 
@@ -35,6 +44,7 @@ from __future__ import annotations
 
 import _thread
 import dataclasses
+import dis
 import os
 import signal
 import sys
@@ -42,7 +52,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from types import FrameType
+from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _hooks
@@ -106,7 +116,14 @@ def _is_machinery(frame: FrameType) -> bool:
 
 def is_machinery_file(filename: str) -> bool:
     """Whether code of this file is locking machinery (the stdlib's, ours), not the user's."""
-    return any(part in filename for part in _STDLIB_SYNC)
+    # Asked for every frame a lock is made under, for every lock of the session: cached.
+    known = _MACHINERY_FILES.get(filename)
+    if known is None:
+        known = _MACHINERY_FILES[filename] = any(part in filename for part in _STDLIB_SYNC)
+    return known
+
+
+_MACHINERY_FILES: dict[str, bool] = {}
 
 
 def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
@@ -115,18 +132,37 @@ def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
     A lock made in an ``__init__`` is one of many alike (every ``Account`` has one): the
     caller that made the object is added, so two of them can be told apart.
     """
+    return _format_site(_capture_site(frame, with_caller=with_caller))
+
+
+# Where a lock was made, as plain data: formatting (relpath) waits for a report, since
+# every lock of the session is made through us and most are never reported.
+_Site = tuple[str, int, str, str, int] | None
+
+
+def _capture_site(frame: FrameType | None, *, with_caller: bool = False) -> _Site:
     while frame is not None and _is_machinery(frame):
         frame = frame.f_back
     if frame is None:
-        return "<unknown>"
+        return None
     code = frame.f_code
-    site = f"{_short(code.co_filename)}:{frame.f_lineno} in {code.co_name}"
     caller = frame.f_back
     while caller is not None and caller.f_code.co_filename.startswith(_PACKAGE):
         caller = caller.f_back  # our hooks' wrappers (see _hooks) call __init__ for the user
     if (with_caller or code.co_name == "__init__") and caller is not None:
-        site += f" (from {_short(caller.f_code.co_filename)}:{caller.f_lineno})"
-    return site
+        where = caller.f_code.co_filename, caller.f_lineno
+        return (code.co_filename, frame.f_lineno, code.co_name, *where)
+    return (code.co_filename, frame.f_lineno, code.co_name, "", 0)
+
+
+def _format_site(site: _Site) -> str:
+    if site is None:
+        return "<unknown>"
+    filename, lineno, function, caller_file, caller_line = site
+    text = f"{_short(filename)}:{lineno} in {function}"
+    if caller_file:
+        text += f" (from {_short(caller_file)}:{caller_line})"
+    return text
 
 
 def _short(filename: str) -> str:
@@ -161,7 +197,7 @@ def _blocking_call(frame: FrameType | None) -> tuple[str, object] | None:
 class TrackedLock:
     """A lock (or, with ``reentrant``, an RLock) whose owner and waiters we can see."""
 
-    __slots__ = ("__weakref__", "_count", "_lock", "_reentrant", "owner", "signal", "site")
+    __slots__ = ("__weakref__", "_count", "_lock", "_made_at", "_reentrant", "owner", "signal")
 
     def __init__(self, *, reentrant: bool = False, signal: bool = False) -> None:
         self._lock = _real_rlock() if reentrant else _real_allocate_lock()
@@ -169,17 +205,34 @@ class TrackedLock:
         self._count = 0
         self.owner: int | None = None
         self.signal = signal
-        self.site = user_site(sys._getframe(1))
+        self._made_at = _capture_site(sys._getframe(1))
+
+    @property
+    def site(self) -> str:
+        """Where the lock was made: ``file:line in function``."""
+        return _format_site(self._made_at)
 
     # -- the lock API -------------------------------------------------------------------
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        # Only an acquire that would wait forever takes part in lock order: a try-lock or a
-        # timed acquire cannot deadlock.
-        ordered = blocking and timeout < 0
+        if timeout != -1 and (not blocking or not 0 <= timeout <= threading.TIMEOUT_MAX):
+            # Arguments a real lock refuses: let it refuse them, with its own message.
+            return bool(self._lock.acquire(blocking, timeout))
         if self._lock.acquire(False):
-            self._took(ordered)
+            # _took, inlined: every lock of the session takes this path, mostly untracked.
+            me = _get_ident()
+            if self._reentrant:
+                if self.owner == me:
+                    self._count += 1
+                    return True
+                self._count = 1
+            self.owner = me
+            tracker = TRACKER
+            if tracker is not None and not self.signal:
+                # Only an acquire that would wait forever takes part in lock order: a
+                # try-lock or a timed acquire cannot deadlock.
+                tracker.note_acquired(self, me, bool(blocking) and timeout < 0)
             return True
         if not blocking:
             return False
@@ -193,7 +246,8 @@ class TrackedLock:
             self._count -= 1
             if self._count == 0:
                 self.owner = None
-                _note_released(self, me)
+                if TRACKER is not None:  # (a call saved on the untracked path)
+                    _note_released(self, me)
             self._lock.release()
             return
         owner = self.owner
@@ -201,11 +255,10 @@ class TrackedLock:
             self.signal = True  # released by someone else: a signal, not a mutex
         self.owner = None
         self._lock.release()
-        if owner is not None:
+        if owner is not None and TRACKER is not None:
             _note_released(self, owner)
 
-    def __enter__(self) -> bool:
-        return self.acquire()
+    __enter__ = acquire  # one call less on the hottest path: ``with lock:``
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
@@ -250,8 +303,10 @@ class TrackedLock:
             self._count = state
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        # Like a real lock: not to be copied or pickled (a copy would share the lock).
-        raise TypeError(f"cannot pickle {type(self._lock).__name__!r} object")
+        # Like a real lock: not to be copied or pickled (a copy would share the lock), and
+        # with its words, which people (and the process backend's advice) recognise.
+        kind = type(self._lock)
+        raise TypeError(f"cannot pickle '{kind.__module__}.{kind.__qualname__}' object")
 
     def _recursion_count(self) -> int:
         # RLock's (3.11+), used by multiprocessing's resource tracker among others.
@@ -296,10 +351,38 @@ class TrackedLock:
         return got
 
 
+def waits_now(tracker: Tracker | None, frames: dict[int, FrameType]) -> dict[int, Wait]:
+    """Who waits for what: the tracker's waits, and waits on tracked locks begun outside it.
+
+    A thread that began to wait before the body did (a fixture's thread) waits as a plain
+    lock does, in one call we can see on its stack. Reads the tracker's table without its
+    mutex (a signal handler may hold it): a copy that a concurrent change spoilt is retried.
+    """
+    waits: dict[int, Wait] = {}
+    if tracker is not None:
+        for _ in range(10):
+            try:
+                waits = dict(tracker.waits)
+                break
+            except RuntimeError:
+                continue
+    for ident, frame in frames.items():
+        if ident in waits or frame.f_code not in _PLAIN_WAITS:
+            continue
+        lock = frame.f_locals.get("self")
+        if isinstance(lock, TrackedLock):
+            waits[ident] = Wait(kind="lock", lock=lock, ident=ident, site=user_site(frame))
+    return waits
+
+
 def _note_released(lock: TrackedLock, owner: int) -> None:
     tracker = TRACKER
     if tracker is not None:
         tracker.note_released(lock, owner)
+
+
+# Where a thread waits on a tracked lock while no tracker sees it.
+_PLAIN_WAITS = frozenset({TrackedLock._wait.__code__, TrackedLock._acquire_restore.__code__})
 
 
 @dataclasses.dataclass(eq=False)
@@ -458,8 +541,11 @@ class Tracker:
                         return attempt(0)
                     slice_ = min(slice_, remaining)
                 if attempt(slice_):
-                    if wait.kind == "join" and self.verdict is not None:
-                        # The joined thread ended only because the verdict unwound it.
+                    if wait.timeout is None and self.decided():
+                        # The joined thread ended, or the lock's holder let go, only because
+                        # the verdict unwound it: this wait is part of the deadlock too.
+                        if wait.lock is not None:
+                            wait.lock._lock.release()  # taken in attempt: not ours to keep
                         raise self._deadlock_error(wait)
                     return True
                 if wait.timeout is None:
@@ -511,6 +597,10 @@ class Tracker:
             f"{headline} (reported with this thread's first DeadlockError; this wait, "
             f"{wait.describe()} at {wait.site}, was ended too, to let the test unwind)"
         )
+
+    def decided(self) -> bool:
+        """Whether the test was declared deadlocked (another thread may do it any time)."""
+        return self.verdict is not None
 
     def abandon(self, why: str) -> None:
         """Give up on the test: every tracked wait of it raises HangError."""
@@ -604,8 +694,8 @@ class Tracker:
             if other_ident in test_threads or not thread.is_alive():
                 continue
             other = waits.get(other_ident)
-            if other is not None and other.timeout is None:
-                continue  # blocked itself
+            if other is not None and other.timeout is None and other.still_blocked():
+                continue  # blocked itself (not one whose lock was just let go: it will run)
             if not can_wake(thread, frames):
                 continue
             return None
@@ -649,13 +739,46 @@ def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
     if thread.name.startswith("pytest_timeout ") or left_behind(thread):
         return False
     frame = frames.get(thread.ident or -1)
-    if frame is not None:
-        code = frame.f_code
-        if code.co_name == "_worker" and code.co_filename.endswith(
-            os.path.join("concurrent", "futures", "thread.py")
-        ):
-            return False
-    return True
+    return frame is None or not _idle_pool_worker(frame)
+
+
+def _idle_pool_worker(frame: FrameType) -> bool:
+    """A ``ThreadPoolExecutor`` worker waiting for work that nobody has submitted yet.
+
+    Not one between two work items (it has just taken one, or just finished one): on a
+    busy machine it can stay there, in ``_worker``, for longer than the two looks take.
+    """
+    code = frame.f_code
+    if code.co_name != "_worker" or not code.co_filename.endswith(
+        os.path.join("concurrent", "futures", "thread.py")
+    ):
+        return False
+    if frame.f_lineno not in _get_lines(code):
+        return False
+    local = frame.f_locals
+    queue = local.get("work_queue")
+    # work_item is deleted after each item: present, the worker has just taken one.
+    return "work_item" not in local and queue is not None and bool(queue.empty())
+
+
+def _get_lines(code: CodeType) -> frozenset[int]:
+    """The lines of ``_worker`` where it takes the next work item from its queue."""
+    lines = _GET_LINES.get(code)
+    if lines is None:
+        found, line = set(), None
+        for instruction in dis.get_instructions(code):
+            positions = getattr(instruction, "positions", None)  # 3.11+; starts_line before
+            if positions is not None and positions.lineno is not None:
+                line = positions.lineno
+            elif type(instruction.starts_line) is int:
+                line = instruction.starts_line
+            if instruction.argval == "get" and line is not None:
+                found.add(line)
+        lines = _GET_LINES[code] = frozenset(found)
+    return lines
+
+
+_GET_LINES: dict[CodeType, frozenset[int]] = {}
 
 
 _KINDS = {
@@ -861,30 +984,52 @@ class _tracked_rlock(metaclass=_FactoryMeta):
 def _tracked_signal_lock() -> Any:
     # Condition.wait's waiter: acquired by the waiter, released by the notifier. A condition
     # whose own lock is not tracked gets an untracked waiter too.
+    # Anyone else (threading's _after_fork, in a forked child) gets a plain lock.
     caller = sys._getframe(1)
     condition = caller.f_locals.get("self") if caller.f_code.co_name == "wait" else None
-    if condition is not None and not isinstance(getattr(condition, "_lock", None), TrackedLock):
+    if condition is None or not isinstance(getattr(condition, "_lock", None), TrackedLock):
         return _real_allocate_lock()
     return TrackedLock(signal=True)
 
 
 # Who makes locks we leave untracked: importlib (module locks are signals between importing
-# threads, and it detects its own deadlocks), and multiprocessing and process pools, whose
-# threads wait on other processes through pipes and semaphores we cannot see.
+# threads, and it detects its own deadlocks), multiprocessing and process pools, whose
+# threads wait on other processes through pipes and semaphores we cannot see, and the
+# harness that runs the tests.
 _UNTRACKED_MAKERS = (
     "<frozen importlib",
     os.path.join("multiprocessing", ""),
     os.path.join("concurrent", "futures", "process.py"),
+    # And the test harness, whose locks are tracked for the whole session since the
+    # factories are: pytest and pluggy, xdist and its execnet channels (whose I/O thread
+    # takes them while bodies run), pytest-timeout's timer, coverage's collector.
+    os.path.join("", "_pytest", ""),
+    os.path.join("", "pluggy", ""),
+    os.path.join("", "xdist", ""),
+    os.path.join("", "execnet", ""),
+    "pytest_timeout.py",
+    os.path.join("", "coverage", ""),
 )
 
 
 def _untracked_maker(frame: FrameType | None) -> bool:
     while frame is not None and frame.f_code.co_filename.endswith("threading.py"):
+        if frame.f_code.co_name in _THREADING_OWN:
+            return True
         frame = frame.f_back  # a Condition or Event made by someone else
     if frame is None:
         return False
     filename = frame.f_code.co_filename
-    return any(part in filename for part in _UNTRACKED_MAKERS)
+    known = _UNTRACKED_FILES.get(filename)
+    if known is None:
+        known = _UNTRACKED_FILES[filename] = any(part in filename for part in _UNTRACKED_MAKERS)
+    return known
+
+
+_UNTRACKED_FILES: dict[str, bool] = {}
+# threading's own locks, made again in a forked child (_active_limbo_lock): plain, as the
+# ones the parent made at import are.
+_THREADING_OWN = frozenset({"_after_fork", "<module>"})
 
 
 def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:
@@ -974,6 +1119,9 @@ class tracking:
             # Module attributes are swapped for the block; the two methods of Thread are
             # hooked once for the session and act only while TRACKER is set (see _hooks).
             patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
+            # The factories are ours for the whole session already (see install): only
+            # what is not in place yet is swapped, so only that is put back.
+            patches = [p for p in patches if getattr(p[0], p[1]) is not p[2]]
             self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
             for owner, name, replacement in patches:
                 setattr(owner, name, replacement)
@@ -998,6 +1146,41 @@ class tracking:
 
 
 _ACTIVE: tracking | None = None
+
+# The lock factories, ours for the session: (owner, name, ours).
+_FACTORIES = [patch for patch in _PATCHES if patch[2] is not _tracked_signal]
+# The factories' originals while the session has them; one entry per install() not yet
+# undone (pytester's inline runs configure a session inside a session).
+_session_saved: list[list[tuple[Any, str, Any]]] = []
+
+
+def install() -> None:
+    """Make every lock created from now on a :class:`TrackedLock`, until :func:`uninstall`.
+
+    Outside a body a tracked lock only remembers its owner: ``TRACKER`` is ``None``, so it
+    takes no global lock and keeps no books. Calls nest; each must be paired.
+    """
+    with _install_lock:
+        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _FACTORIES]
+        for owner, name, ours in _FACTORIES:
+            setattr(owner, name, ours)
+        _session_saved.append(saved)
+
+
+def uninstall() -> None:
+    """Undo the latest :func:`install`: the factories it found are put back.
+
+    A factory someone replaced after us (a later plugin, a test's monkeypatch still in
+    place) is theirs: left alone.
+    """
+    with _install_lock:
+        if not _session_saved:
+            return
+        for (owner, name, original), (_, _, ours) in zip(
+            _session_saved.pop(), _FACTORIES, strict=True
+        ):
+            if getattr(owner, name) is ours:
+                setattr(owner, name, original)
 
 
 def _nothing() -> None:

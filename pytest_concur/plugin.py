@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 _RUNNER = pytest.StashKey[Any]()
 # Functions whose backend marker was rejected, by nodeid: the message their items fail with.
 _MARKER_ERRORS = pytest.StashKey[dict[str, str]]()
+_TRACKING_LOCKS = pytest.StashKey[bool]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -113,6 +114,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="fail",
     )
     parser.addini(
+        "concur_session_locks",
+        "Track the locks made anywhere in the session (fixtures, imports, conftest.py) for "
+        "deadlock detection (default true); false: only those made while a body runs.",
+        type="bool",
+        default=True,
+    )
+    parser.addini(
         "concur_start_method",
         "Start method of the process backend: auto (default), fork, forkserver or spawn.",
         default="",
@@ -190,7 +198,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests(early_config: pytest.Config) -> None:
+    # Before the first conftest.py is imported, so that its locks are tracked too.
+    _track_locks(early_config)
+
+
+def _track_locks(config: pytest.Config) -> None:
+    """Make the locks created from now on tracked ones, until the config's cleanup."""
+    if config.stash.get(_TRACKING_LOCKS, False):
+        return
+    config.stash[_TRACKING_LOCKS] = True
+    if not config.getini("concur_session_locks"):
+        return  # each body's tracking replaces the factories for its span only
+    from pytest_concur import _locks
+
+    _locks.install()
+    # Run by _ensure_unconfigure, which pytest calls on every way out, a failed start too.
+    config.add_cleanup(_locks.uninstall)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _track_locks(config)  # a plugin registered after the initial conftests were loaded
     config.addinivalue_line(
         "markers",
         "backend(*names, workers=1): run this test once under each named pytest-concur "

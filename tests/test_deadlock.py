@@ -7,7 +7,9 @@ never as a hang of this suite.
 
 from __future__ import annotations
 
+import _thread
 import sys
+import threading
 
 import pytest
 
@@ -403,33 +405,36 @@ def test_bad_lock_order_setting_is_a_usage_error(pytester: pytest.Pytester) -> N
     result.stderr.fnmatch_lines(["*concur_lock_order = 'maybe' is not one of: fail, warn, off."])
 
 
-def test_locks_are_plain_again_after_the_body(pytester: pytest.Pytester) -> None:
+def test_locks_stay_tracked_between_bodies_and_keep_no_books(pytester: pytest.Pytester) -> None:
+    before = (threading.Lock, threading.RLock, _thread.allocate_lock)
     pytester.makepyfile(
         """
         import threading, _thread
         import pytest
+        from pytest_concur import _locks
 
-        ORIGINAL = (threading.Lock, threading.RLock, _thread.allocate_lock)
+        AT_IMPORT = (threading.Lock, threading.RLock, _thread.allocate_lock)
 
         @pytest.mark.backend("thread", "asyncio")
         def test_tracked():
-            assert threading.Lock is not ORIGINAL[0]
+            assert _locks.TRACKER is not None
             assert isinstance(threading.Lock(), threading.Lock)
 
         @pytest.mark.backend("thread")
         def test_fails():
             raise ValueError
 
-        def test_restored():
-            from pytest_concur import _locks
-
+        def test_between_bodies():
             now = (threading.Lock, threading.RLock, _thread.allocate_lock)
-            assert now == ORIGINAL
+            assert now == AT_IMPORT
+            assert type(threading.Lock()) is _locks.TrackedLock
             # Thread.join stays hooked for the session (see _hooks), tracking nothing.
             assert _locks.TRACKER is None
         """
     )
     pytester.runpytest().assert_outcomes(passed=3, failed=1)
+    # The inner session put back what it found (the outer session's factories).
+    assert (threading.Lock, threading.RLock, _thread.allocate_lock) == before
 
 
 def test_event_loop_where_every_task_waits_fails_at_once(
