@@ -530,15 +530,20 @@ def _task_name(task: asyncio.Task[Any]) -> str:
     return task.get_name() or f"Task at 0x{id(task):x}"
 
 
-def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
-    """Key, name and definition site of a plain callback."""
+def describe_callable(callback: Any) -> tuple[str, str]:
+    """The name of a callback and ``file:line`` of its definition ("" if it has none)."""
     function = callback
     while hasattr(function, "func"):  # functools.partial
         function = function.func
     function = getattr(function, "__func__", function)  # a bound method
-    name = callable_name(function)
     code = getattr(function, "__code__", None)
     site = f"{short_path(code.co_filename)}:{code.co_firstlineno}" if code is not None else ""
+    return callable_name(function), site
+
+
+def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
+    """Key, name and definition site of a plain callback."""
+    name, site = describe_callable(callback)
     owner = getattr(callback, "__self__", None)
     protocol = getattr(owner, "_protocol", None)
     if protocol is not None:
