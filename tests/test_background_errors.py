@@ -288,6 +288,46 @@ def test_exception_in_a_fixtures_thread_while_the_test_runs_fails_the_test(
     result.stdout.fnmatch_lines(["*PytestUnhandledThreadExceptionWarning*"])
 
 
+def test_exception_in_a_fixtures_thread_fails_a_plain_test_under_check_all(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import queue, threading
+        import pytest
+
+        @pytest.fixture
+        def worker():
+            jobs = queue.Queue()
+
+            def work():
+                jobs.get()
+                raise KeyError("job 7")
+
+            thread = threading.Thread(target=work, name="jobs")
+            thread.start()
+            yield jobs, thread
+            thread.join()
+
+        def test_submits(worker):
+            jobs, thread = worker
+            jobs.put(7)
+            thread.join()
+        """
+    )
+    result = run(
+        pytester, "--concur-check-all", "-W", "error::pytest.PytestUnhandledThreadExceptionWarning"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: an exception was raised in thread 'jobs', which a fixture started "
+            "at *.py:13 in worker, while the test ran",
+            "KeyError: 'job 7'",
+        ]
+    )
+
+
 def test_exception_in_a_fixtures_thread_outside_the_call_is_left_to_pytest(
     pytester: pytest.Pytester,
 ) -> None:

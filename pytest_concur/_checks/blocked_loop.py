@@ -70,7 +70,7 @@ DEFAULT = 0.1
 _real_lock = threading.Lock
 _clock = time.perf_counter
 _get_ident = _thread.get_ident
-# The sampler looks at running steps every threshold / 4, within these bounds (seconds),
+# The sampler looks for running steps every threshold / 2, within these bounds (seconds),
 # and ends once no watch has run for _LINGER seconds (the next one starts it again).
 _MIN_TICK = 0.005
 # A wait for a CPU shorter than this is not worth a word in the report.
@@ -197,7 +197,7 @@ class BlockedLoopWatch:
 class _LoopState:
     """Timing of one followed loop; only touched from the thread that runs it."""
 
-    __slots__ = ("current", "first", "looks", "thread")
+    __slots__ = ("current", "first", "looks", "next_look", "thread")
     # The body's first step, begun before the wrapper was there: (task, start, schedstat).
     first: tuple[asyncio.Task[Any], float, bytes] | None
     # The handle being run: (task or None, await chain before the step, start, schedstat).
@@ -207,12 +207,15 @@ class _LoopState:
     # Written by the sampler (under the timing's lock), read when a step is judged: the
     # start of the step it looked at, and how often it found each user frame there.
     looks: tuple[float, dict[tuple[str, int, str], int]] | None
+    # The sampler's own: the step it looks at (its start), and when it looks again.
+    next_look: tuple[float, float] | None
 
     def __init__(self) -> None:
         self.first = None
         self.current = None
         self.thread = _get_ident()
         self.looks = None
+        self.next_look = None
 
 
 @dataclasses.dataclass
@@ -255,8 +258,9 @@ class _Timing:
                 loop.call_soon(_nothing)
 
         self._threshold = watch.threshold
-        # How often the sampler looks at a step that runs: a few times per threshold.
-        self.tick = min(max(watch.threshold / 4, _MIN_TICK), _MAX_TICK)
+        # How often the sampler looks for a step that began (it then waits for the step
+        # to pass the threshold, and looks at it then).
+        self.tick = min(max(watch.threshold / 2, _MIN_TICK), _MAX_TICK)
         self._task_type = asyncio.Task
         _hooks.replace(asyncio.events.Handle, "_run", _timed_run)
         self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._follow))
@@ -289,8 +293,16 @@ class _Timing:
             if elapsed > self._threshold:
                 self._judge(handle, task, before, elapsed, state, start, sched, _schedstat())
 
-    def sample(self, now: float, frames: dict[int, FrameType]) -> None:
-        """In the sampler's thread: note where each step running past the threshold is."""
+    def sample(self, now: float, frames: Callable[[], dict[int, FrameType]]) -> float:
+        """In the sampler's thread: note where each step running past the threshold is.
+
+        Returns when it wants to look next. A step is looked at when it passes the
+        threshold, then at twice, four times ... that age: a few looks name the line, and
+        each look takes the GIL from the loop's thread, which would lengthen the very step
+        it looks at (more so on a busy machine, where the sampler may wait for a CPU while
+        holding it).
+        """
+        wanted = now + self.tick
         for state in list(self._loops.values()):
             current, first = state.current, state.first
             if current is not None:
@@ -298,10 +310,18 @@ class _Timing:
             elif first is not None:
                 start = first[1]
             else:
+                continue  # idle, or running a handle of no followed loop
+            age = now - start
+            if age <= self._threshold:
+                wanted = min(wanted, start + self._threshold + _MIN_TICK)
                 continue
-            if now - start <= self._threshold:
+            following = state.next_look
+            if following is not None and following[0] == start and now < following[1]:
+                wanted = min(wanted, following[1])
                 continue
-            place = _user_frame(frames.get(state.thread))
+            state.next_look = (start, start + 2 * age)
+            wanted = min(wanted, start + 2 * age)
+            place = _user_frame(frames().get(state.thread))
             if place is None:
                 continue
             with self._lock:
@@ -309,6 +329,7 @@ class _Timing:
                 if looks is None or looks[0] != start:
                     looks = state.looks = (start, {})
                 looks[1][place] = looks[1].get(place, 0) + 1
+        return wanted
 
     def _follow(self, loop: Any, result: None = None) -> None:
         with self._lock:
@@ -565,6 +586,7 @@ class _Sampler:
         self.ident = _get_ident()
         self.native_id = threading.get_native_id()
         idle_since: float | None = None
+        timeout = _MIN_TICK
         try:
             while True:
                 timings = _TIMINGS
@@ -578,17 +600,15 @@ class _Sampler:
                         idle_since = now
                     elif now - idle_since > _LINGER:
                         return
-                tick = min((t.tick for t in timings), default=_LINGER / 4)
-                if self.wake.acquire(timeout=tick):
+                if self.wake.acquire(timeout=max(timeout, _MIN_TICK)):
                     continue  # woken: stopping
                 timings = _TIMINGS
-                if timings:
-                    frames = sys._current_frames()
-                    now = _clock()
-                    for timing in timings:
-                        with contextlib.suppress(Exception):  # a look never ends it
-                            timing.sample(now, frames)
-                    del frames
+                now = _clock()
+                wanted = now + (min(t.tick for t in timings) if timings else _LINGER / 4)
+                for timing in timings:
+                    with contextlib.suppress(Exception):  # a look never ends it
+                        wanted = min(wanted, timing.sample(now, sys._current_frames))
+                timeout = wanted - _clock()
         finally:
             with self.lock:
                 self.running = False
