@@ -197,13 +197,14 @@ class BlockedLoopWatch:
 class _LoopState:
     """Timing of one followed loop; only touched from the thread that runs it."""
 
-    __slots__ = ("current", "first", "looks", "next_look", "thread")
+    __slots__ = ("current", "first", "looks", "next_look", "read", "thread")
     # The body's first step, begun before the wrapper was there: (task, start, schedstat).
     first: tuple[asyncio.Task[Any], float, bytes] | None
     # The handle being run: (task or None, await chain before the step, start, schedstat).
     current: tuple[asyncio.Task[Any] | None, _Chain, float, bytes] | None
-    # The thread that runs the loop, for the sampler.
+    # The thread that runs the loop (for the sampler), and its scheduler statistics.
     thread: int
+    read: Callable[[], bytes]
     # Written by the sampler (under the timing's lock), read when a step is judged: the
     # start of the step it looked at, and how often it found each user frame there.
     looks: tuple[float, dict[tuple[str, int, str], int]] | None
@@ -214,6 +215,7 @@ class _LoopState:
         self.first = None
         self.current = None
         self.thread = _get_ident()
+        self.read = _reader().read
         self.looks = None
         self.next_look = None
 
@@ -276,8 +278,10 @@ class _Timing:
             before = _chain(owner.get_coro())
         else:
             task, before = None, _NO_CHAIN
-        state.thread = _get_ident()
-        sched = _schedstat()
+        ident = _get_ident()
+        if ident != state.thread:  # a loop made in one thread and run in another
+            state.thread, state.read = ident, _reader().read
+        sched = state.read()
         start = _clock()
         first = state.first
         if first is not None:  # the body's first step ended before this handle began
@@ -291,7 +295,7 @@ class _Timing:
             state.current = previous
             elapsed = _clock() - start
             if elapsed > self._threshold:
-                self._judge(handle, task, before, elapsed, state, start, sched, _schedstat())
+                self._judge(handle, task, before, elapsed, state, start, sched, state.read())
 
     def sample(self, now: float, frames: Callable[[], dict[int, FrameType]]) -> float:
         """In the sampler's thread: note where each step running past the threshold is.
@@ -515,17 +519,21 @@ class _SchedStat:
 _sched_local = threading.local()
 
 
+def _reader() -> _SchedStat:
+    """The calling thread's reader of its scheduler statistics."""
+    reader: _SchedStat | None = getattr(_sched_local, "reader", None)
+    if reader is None:
+        reader = _sched_local.reader = _SchedStat()
+    return reader
+
+
 def _schedstat() -> bytes:
     """The calling thread's scheduler statistics now, unparsed; ``b""`` where there are none.
 
-    Read before and after every step of a followed loop (one ``pread``); parsed only for a
-    step that took longer than the threshold.
+    Read before every step of a followed loop (one ``pread``), and after one that took
+    longer than the threshold; parsed only then.
     """
-    reader = getattr(_sched_local, "reader", None)
-    if reader is None:
-        reader = _sched_local.reader = _SchedStat()
-    data: bytes = reader.read()
-    return data
+    return _reader().read()
 
 
 def _waited(start: bytes, end: bytes) -> float | None:
