@@ -15,8 +15,10 @@ originals back, where nobody replaced them after us and nothing listens any more
 
 Two kinds of site:
 
-- *around* (``THREAD_START``, ``PROCESS_START``): ``listener(obj)`` is called before the
+- *around* (``THREAD_START``, ``PROCESS_START``, ``FUTURE_RESULT`` ...): ``listener(obj)`` is called before the
   real method and may return a callable, called after it returned or raised;
+- *before* (``FUTURE_ADD_DONE_CALLBACK``): ``listener(obj, args, kwargs)`` is called with
+  the call's arguments before the real method;
 - *after* (every other): ``listener(obj, result)`` is called once the real method returned.
 """
 
@@ -41,7 +43,7 @@ class _Site:
     def __init__(self, path: str, attribute: str, kind: str) -> None:
         self.path = path  # "module:Class"
         self.attribute = attribute
-        self.kind = kind  # "around", "after", or "exitcode" (a property)
+        self.kind = kind  # "around", "before", "after", or "exitcode" (a property)
         self.listeners: tuple[Callable[..., Any], ...] = ()
         self.owner: Any = None
         self.original: Any = None
@@ -91,6 +93,16 @@ def _after(site: _Site, original: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _before(site: _Site, original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def wrapper(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        for listener in site.listeners:
+            listener(obj, args, kwargs)
+        return original(obj, *args, **kwargs)
+
+    return wrapper
+
+
 def _exitcode(site: _Site, original: property) -> property:
     getter = original.fget
     assert getter is not None
@@ -108,6 +120,7 @@ def _exitcode(site: _Site, original: property) -> property:
 _WRAPPERS: dict[str, Callable[[_Site, Any], Any]] = {
     "around": _around,
     "after": _after,
+    "before": _before,
     "exitcode": _exitcode,
 }
 
@@ -120,6 +133,12 @@ PROCESS_POOL_INIT = _Site("concurrent.futures.process:ProcessPoolExecutor", "__i
 THREAD_POOL_INIT = _Site("concurrent.futures.thread:ThreadPoolExecutor", "__init__", "after")
 LOOP_INIT = _Site("asyncio.base_events:BaseEventLoop", "__init__", "after")
 LOOP_CREATE_TASK = _Site("asyncio.base_events:BaseEventLoop", "create_task", "after")
+# concurrent.futures.Future, of every executor: made, failed, and looked at.
+FUTURE_INIT = _Site("concurrent.futures._base:Future", "__init__", "after")
+FUTURE_SET_EXCEPTION = _Site("concurrent.futures._base:Future", "set_exception", "after")
+FUTURE_RESULT = _Site("concurrent.futures._base:Future", "result", "around")
+FUTURE_EXCEPTION = _Site("concurrent.futures._base:Future", "exception", "around")
+FUTURE_ADD_DONE_CALLBACK = _Site("concurrent.futures._base:Future", "add_done_callback", "before")
 _SITES = (
     THREAD_START,
     PROCESS_START,
@@ -130,6 +149,11 @@ _SITES = (
     THREAD_POOL_INIT,
     LOOP_INIT,
     LOOP_CREATE_TASK,
+    FUTURE_INIT,
+    FUTURE_SET_EXCEPTION,
+    FUTURE_RESULT,
+    FUTURE_EXCEPTION,
+    FUTURE_ADD_DONE_CALLBACK,
 )
 
 # Attributes replaced outright by a wrapper that keeps its own switch (see ``replace``).

@@ -145,7 +145,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addini(
         "concur_checks_off",
         "Checks to turn off for every test (names separated by spaces): threads, tasks, "
-        "processes, blocked_loop.",
+        "processes, blocked_loop, futures, callbacks.",
         type="args",
         default=[],
     )
@@ -237,7 +237,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "checks_off=[...]): let this test leave running the threads, tasks and processes "
         "whose name or target matches a pattern (fnmatch) or that a matching function "
         "started; checks_off turns pytest-concur's checks off (threads, tasks, processes, "
-        "blocked_loop).",
+        "blocked_loop, futures, callbacks).",
     )
     config.addinivalue_line(
         "markers",
@@ -267,6 +267,9 @@ def pytest_configure(config: pytest.Config) -> None:
     from pytest_concur._checks import fixtures as _fixture_checks
 
     config.pluginmanager.register(_fixture_checks, "concur-fixture-checks")
+    from pytest_concur._checks import fixture_threads
+
+    config.pluginmanager.register(fixture_threads, "concur-fixture-thread-errors")
 
 
 @pytest.hookimpl(trylast=True)

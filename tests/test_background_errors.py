@@ -214,7 +214,121 @@ def test_command_that_failed_unwaited_fails_the_test(pytester: pytest.Pytester) 
     )
 
 
-def test_exception_in_a_thread_the_test_did_not_start_is_left_to_pytest(
+def test_exception_in_a_fixtures_thread_while_the_test_runs_fails_the_test(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # Sockets, so that the body can talk to the fixture's threads from a child process too:
+    # the server raises on the body's request; the watcher closes the body's second
+    # connection once the server's thread is over (its excepthook has run by then).
+    pytester.makepyfile(
+        f"""
+        import socket, threading
+        import pytest
+
+        def listener():
+            sock = socket.create_server(("127.0.0.1", 0))
+            return sock, sock.getsockname()[1]
+
+        @pytest.fixture
+        def server():
+            serving, serve_port = listener()
+            watching, watch_port = listener()
+
+            def serve():
+                conn, _ = serving.accept()
+                with conn:
+                    conn.recv(16)
+                raise ValueError("bad request")
+
+            worker = threading.Thread(target=serve, name="server")
+
+            def watch():
+                conn, _ = watching.accept()
+                worker.join()
+                conn.close()
+
+            watcher = threading.Thread(target=watch, name="watcher")
+            worker.start()
+            watcher.start()
+            yield serve_port, watch_port
+            worker.join()
+            watcher.join()
+            serving.close()
+            watching.close()
+
+        def ask(ports):
+            serve_port, watch_port = ports
+            with socket.create_connection(("127.0.0.1", watch_port)) as done:
+                with socket.create_connection(("127.0.0.1", serve_port)) as request:
+                    request.sendall(b"GET")
+                assert done.recv(1) == b""  # the server's thread is over
+
+        @pytest.mark.backend("{backend_name}")
+        def test_asks_the_server(server):
+            ask(server)
+
+        @pytest.mark.backend("{backend_name}")
+        @pytest.mark.concur_allow(checks_off=["threads"])
+        def test_turned_off(server):
+            ask(server)
+        """
+    )
+    result = run(pytester, "-W", "default")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: an exception was raised in thread 'server', which a fixture "
+            "started at *.py:27 in server, while the test ran",
+            "Traceback (most recent call last):",
+            "*line 17, in serve",
+            "ValueError: bad request",
+        ]
+    )
+    # Turned off, it is pytest's again, as a warning.
+    result.stdout.fnmatch_lines(["*PytestUnhandledThreadExceptionWarning*"])
+
+
+def test_exception_in_a_fixtures_thread_fails_a_plain_test_under_check_all(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import queue, threading
+        import pytest
+
+        @pytest.fixture
+        def worker():
+            jobs = queue.Queue()
+
+            def work():
+                jobs.get()
+                raise KeyError("job 7")
+
+            thread = threading.Thread(target=work, name="jobs")
+            thread.start()
+            yield jobs, thread
+            thread.join()
+
+        def test_submits(worker):
+            jobs, thread = worker
+            jobs.put(7)
+            thread.join()
+        """
+    )
+    result = run(
+        pytester, "--concur-check-all", "-W", "error::pytest.PytestUnhandledThreadExceptionWarning"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: an exception was raised in thread 'jobs', which a fixture started "
+            "at *.py:13 in worker, while the test ran",
+            "KeyError: 'job 7'",
+        ]
+    )
+
+
+def test_exception_in_a_fixtures_thread_outside_the_call_is_left_to_pytest(
     pytester: pytest.Pytester,
 ) -> None:
     pytester.makepyfile(
@@ -224,22 +338,14 @@ def test_exception_in_a_thread_the_test_did_not_start_is_left_to_pytest(
 
         @pytest.fixture
         def background():
-            go = threading.Event()
-
-            def boom():
-                go.wait()
-                raise ValueError("fixture's thread")
-
-            thread = threading.Thread(target=boom)
+            thread = threading.Thread(target=lambda: 1 / 0, name="setup-time")
             thread.start()
-            yield go, thread
-            thread.join()
+            thread.join()  # raised during the fixture's setup: not the test's doing
+            yield
 
         @pytest.mark.backend("thread")
-        def test_uses_fixture_thread(background):
-            go, thread = background
-            go.set()
-            thread.join()
+        def test_uses_it(background):
+            pass
         """
     )
     result = run(pytester, "-W", "default")
@@ -277,3 +383,381 @@ def test_a_threads_traceback_shows_no_frame_of_pytest_concur(
         ]
     )
     result.stdout.no_fnmatch_line("*pytest_concur/_*")
+
+
+def test_a_futures_exception_nobody_retrieved_fails_the_test(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import concurrent.futures
+        import pytest
+
+        def resize(path):
+            raise OSError(f"cannot read {{path}}")
+
+        @pytest.mark.backend("{backend_name}")
+        def test_fire_and_forget():
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                pool.submit(resize, "a.png")
+
+        @pytest.mark.backend("{backend_name}")
+        def test_next_is_not_blamed():
+            pass
+        """
+    )
+    result = run(pytester, "-v")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: 1 future made by the test raised an exception that nobody retrieved",
+            "  Future made at test_a_futures_exception_nobody_retrieved_fails_the_test.py:10 "
+            "in test_fire_and_forget raised:",
+            "Traceback (most recent call last):",
+            "*line 5, in resize",
+            "OSError: cannot read a.png",
+            "  An executor keeps a task's exception in its future*",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*test_next_is_not_blamed*PASSED*"])
+
+
+def test_a_process_pools_lost_exception_fails_the_test(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import concurrent.futures, multiprocessing
+        import pytest
+
+        def check(n):
+            raise ValueError(f"bad input {n}")
+
+        @pytest.mark.backend("thread")
+        def test_forgets():
+            context = multiprocessing.get_context("spawn")
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+                pool.submit(check, 3)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  Future made at *.py:11 in test_forgets raised:",
+            "ValueError: bad input 3",
+        ]
+    )
+
+
+def test_a_futures_exception_that_is_looked_at_is_no_error(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # Every way of looking (later in the test too), and what is no exception to look at.
+    pytester.makepyfile(
+        f"""
+        import asyncio, concurrent.futures, threading
+        import pytest
+
+        def fail():
+            raise ValueError("seen")
+
+        @pytest.mark.backend("{backend_name}")
+        def test_looks_later():
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                futures = [pool.submit(fail) for _ in range(4)]
+                concurrent.futures.wait(futures)
+            with pytest.raises(ValueError):
+                futures[0].result()
+            assert isinstance(futures[1].exception(), ValueError)
+            futures[2].add_done_callback(lambda f: None)
+            for future in concurrent.futures.as_completed(futures[3:]):
+                assert future.exception() is not None
+
+        @pytest.mark.backend("{backend_name}")
+        def test_map_raises_the_first():
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                with pytest.raises(ValueError):
+                    list(pool.map(lambda _: fail(), range(6)))
+
+        @pytest.mark.backend("{backend_name}")
+        def test_cancelled():
+            started, go = threading.Event(), threading.Event()
+            def busy():
+                started.set()
+                go.wait()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pool.submit(busy)
+                started.wait()
+                waiting = pool.submit(fail)
+                assert waiting.cancel()
+                go.set()
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_asyncio_reads_its_executor_futures():
+            loop = asyncio.get_running_loop()
+            with pytest.raises(ValueError):
+                await asyncio.to_thread(fail)
+            with pytest.raises(ValueError):
+                await loop.run_in_executor(None, fail)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=4)
+
+
+def test_run_coroutine_threadsafe_future_nobody_read_fails_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, concurrent.futures, threading
+        import pytest
+
+        async def handle():
+            raise ConnectionResetError("peer gone")
+
+        @pytest.mark.backend("thread")
+        def test_submits_to_a_loop_thread():
+            loop = asyncio.new_event_loop()
+            thread = threading.Thread(target=loop.run_forever)
+            thread.start()
+            future = asyncio.run_coroutine_threadsafe(handle(), loop)
+            concurrent.futures.wait([future])  # waits, but never reads it
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["  Future made at *.py:12 in test_submits_to_a_loop_thread raised:", "*peer gone"]
+    )
+
+
+def test_a_lost_futures_exception_obeys_the_allow_lists(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import concurrent.futures
+        import pytest
+
+        def fail():
+            raise ValueError("ignored on purpose")
+
+        def spawn_and_forget(pool):
+            pool.submit(fail)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.concur_allow(checks_off=["futures"])
+        def test_off():
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                pool.submit(fail)
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.concur_allow(started_by=["spawn_and_forget"])
+        def test_allowed_by_who_made_it():
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                spawn_and_forget(pool)
+        """
+    )
+    run(pytester).assert_outcomes(passed=2)
+
+
+def test_an_exception_in_a_loop_callback_fails_the_test(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import asyncio
+        import pytest
+
+        def flush(buffer):
+            raise BrokenPipeError("flush failed")
+
+        def on_done(future):
+            raise LookupError("no such key")
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_call_soon():
+            asyncio.get_running_loop().call_soon(flush, [])
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_done_callback():
+            future = asyncio.get_running_loop().create_future()
+            future.add_done_callback(on_done)
+            future.set_result(None)
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_next_is_not_blamed():
+            await asyncio.sleep(0.01)
+        """
+    )
+    result = run(pytester, "-v")
+    result.assert_outcomes(failed=2, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "pytest-concur: 1 exception reached only the event loop's exception handler "
+            "(asyncio would have logged it and gone on)",
+            "  callback flush (defined at test_an_exception_in_a_loop_callback_fails_the_test.py"
+            ":4), scheduled at *.py:12 in test_call_soon, raised:",
+            "Traceback (most recent call last):",
+            "*line 5, in flush",
+            "BrokenPipeError: flush failed",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "  done-callback on_done (defined at *.py:7) of an asyncio Future (its future was "
+            "completed at *.py:19 in test_done_callback), raised:",
+            "*line 8, in on_done",
+            "LookupError: no such key",
+        ]
+    )
+    result.stdout.fnmatch_lines(["*test_next_is_not_blamed*PASSED*"])
+    result.stdout.no_fnmatch_line("*Exception in callback*")
+
+
+def test_a_call_later_callback_in_a_sync_bodys_own_loop_fails_the_test(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    # A loop the body makes is followed in any thread: this one runs in a thread of its own.
+    pytester.makepyfile(
+        f"""
+        import asyncio, threading
+        import pytest
+
+        def tick():
+            raise ZeroDivisionError("tick")
+
+        async def main():
+            asyncio.get_running_loop().call_later(0.001, tick)
+            await asyncio.sleep(0.05)
+
+        @pytest.mark.backend("{backend_name}")
+        def test_runs_a_loop_in_a_thread():
+            thread = threading.Thread(target=asyncio.run, args=(main(),))
+            thread.start()
+            thread.join()
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  callback tick (defined at *.py:4), scheduled at *.py:8 in main, raised:",
+            "ZeroDivisionError: tick",
+        ]
+    )
+
+
+def test_an_asyncio_future_dropped_with_its_exception_fails_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        async def test_drops_it():
+            future = asyncio.get_running_loop().create_future()
+            future.set_exception(TimeoutError("upstream"))
+            del future
+            await asyncio.sleep(0)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  an asyncio Future: Future exception was never retrieved, raised:",
+            "TimeoutError: upstream",
+        ]
+    )
+
+
+def test_loop_exceptions_the_test_handles_or_gathers_are_no_error(
+    pytester: pytest.Pytester, backend_name: str
+) -> None:
+    pytester.makepyfile(
+        f"""
+        import asyncio
+        import pytest
+
+        def fail():
+            raise ValueError("handled")
+
+        async def afail():
+            fail()
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_own_handler():
+            seen = []
+            loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lambda loop, context: seen.append(context))
+            try:
+                loop.call_soon(fail)
+                await asyncio.sleep(0.01)
+            finally:
+                loop.set_exception_handler(None)
+            assert isinstance(seen[0]["exception"], ValueError)
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_gather_return_exceptions():
+            results = await asyncio.gather(afail(), afail(), return_exceptions=True)
+            assert all(isinstance(r, ValueError) for r in results)
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_gather_raises_the_first():
+            with pytest.raises(ValueError):
+                await asyncio.gather(afail(), afail(), afail())
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_cancelled_callback_and_future():
+            loop = asyncio.get_running_loop()
+            loop.call_later(0.001, fail).cancel()
+            future = loop.create_future()
+            future.cancel()
+            del future
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.backend("{backend_name}")
+        @pytest.mark.concur_allow(checks_off=["callbacks"])
+        async def test_off():
+            asyncio.get_running_loop().call_soon(fail)
+            await asyncio.sleep(0.01)
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=5)
+
+
+def test_loop_callback_errors_fail_plain_tests_under_check_all(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, concurrent.futures
+
+        def fail():
+            raise ValueError("plain")
+
+        def test_future():
+            with concurrent.futures.ThreadPoolExecutor() as pool:
+                pool.submit(fail)
+
+        def test_callback():
+            async def main():
+                asyncio.get_running_loop().call_soon(fail)
+                await asyncio.sleep(0.01)
+            asyncio.run(main())
+        """
+    )
+    result = run(pytester, "--concur-check-all")
+    result.assert_outcomes(failed=2)
+    result.stdout.fnmatch_lines(["*Future made at *.py:8 in test_future raised:*"])
+    result.stdout.fnmatch_lines(
+        [
+            "  callback fail (defined at *.py:3), scheduled at *.py:12 in test_callback.<locals>.main*"
+        ]
+    )

@@ -7,7 +7,10 @@ Durations in reports are checked from below only (a sleep lasts at least as long
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -55,7 +58,7 @@ def test_blocking_call_in_async_body_names_the_lines_it_ran_between(
     result.stdout.fnmatch_lines(
         [
             "pytest-concur: the event loop was blocked: 1 step or callback held it longer "
-            "than 0.1 s (concur_blocked_loop)",
+            "than 0.1 s (concur_blocked_loop; measured as *)",
             f"  task '*' running test_blocks() held the event loop for * s in one step, "
             f"from {name}:6 to {name}:8",
             HINT,
@@ -232,7 +235,7 @@ def test_each_stress_copy_is_timed_and_reported_once_with_a_count(
     result.stdout.fnmatch_lines(
         [
             "pytest-concur: the event loop was blocked: 2 steps or callbacks held it longer "
-            "than 0.1 s (concur_blocked_loop)",
+            "than 0.1 s (concur_blocked_loop; measured as *)",
             f"  task '*' running test_copies_block() held the event loop for * s in one step, "
             f"from {name}:6 to {name}:8 (2 times; the longest shown)",
         ]
@@ -470,3 +473,108 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
     )
     result = pytester.runpytest("-p", "no:randomly")
     result.assert_outcomes(passed=1, failed=2)
+
+
+def test_report_names_the_line_that_blocked(pytester: pytest.Pytester, backend_name: str) -> None:
+    # The step runs from the body's await to the pool's next await; the line that held the
+    # loop is in between, two calls down, and only a look at the stack while it runs finds it.
+    pytester.makepyfile(
+        pool="""
+        import asyncio, time
+
+        def _connect():
+            time.sleep(0.5)
+
+        class Connection:
+            async def query(self):
+                _connect()
+                await asyncio.sleep(0)
+        """,
+        test_pool=f"""
+        import asyncio
+        import pytest
+        from pool import Connection
+
+        @pytest.mark.backend("{backend_name}")
+        async def test_query():
+            await asyncio.sleep(0)
+            await Connection().query()
+        """,
+    )
+    result = run(pytester, backend_name)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "  task '*' running test_query() held the event loop for * s in one step, from "
+            "test_pool.py:7 to pool.py:9 in Connection.query() (called at test_pool.py:8)",
+            "    blocked at pool.py:4 in _connect: time.sleep(0.5)",
+        ]
+    )
+
+
+def test_the_sampler_is_no_thread_of_the_test_and_is_stopped_before_a_fork(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, os, threading
+        import pytest
+        from pytest_concur._checks import blocked_loop
+
+        @pytest.mark.backend("asyncio")
+        async def test_forks_while_it_samples():
+            await asyncio.sleep(0)
+            sampler = blocked_loop._sampler
+            assert sampler.running
+            assert blocked_loop.sampler_ident() not in {t.ident for t in threading.enumerate()}
+            pid = os.fork()
+            if pid == 0:  # what the fork copied: a sampler that had already ended
+                os._exit(0 if not sampler.running else 3)
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            # Started again in the parent, where the watch still runs.
+            assert blocked_loop._sampler.running
+        """
+    )
+    result = pytester.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(passed=1)
+
+
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux") or not os.path.exists("/proc/thread-self/schedstat"),
+    reason="needs Linux's per-thread scheduler statistics",
+)
+def test_a_busy_machine_changes_no_verdict(pytester: pytest.Pytester) -> None:
+    # The body's thread is pinned to one CPU beside a busy loop there, at the lowest
+    # priority: a step that computes for 10 ms of its own takes far longer than the
+    # threshold on the clock, and that is the machine's doing, not the step's.
+    cpu = min(os.sched_getaffinity(0))
+    hog = subprocess.Popen(
+        [sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpu}}})\nwhile True: pass"]
+    )
+    try:
+        pytester.makepyfile(
+            f"""
+            import asyncio, os, time
+            import pytest
+
+            @pytest.mark.backend("thread")
+            async def test_computes_briefly_on_a_busy_cpu():
+                os.sched_setaffinity(0, {{{cpu}}})  # this thread only, as is os.nice on Linux
+                os.nice(19)
+                await asyncio.sleep(0)
+                wall, cpu = time.perf_counter(), time.thread_time()
+                while time.thread_time() - cpu < 0.01:
+                    pass
+                with open("wall.txt", "w") as f:
+                    f.write(str(time.perf_counter() - wall))
+                await asyncio.sleep(0)
+            """
+        )
+        result = pytester.runpytest_subprocess(timeout=120)
+    finally:
+        hog.kill()
+        hog.wait()
+    result.assert_outcomes(passed=1)
+    # The step did hold the loop past the threshold on the clock: the check told why.
+    assert float((pytester.path / "wall.txt").read_text()) > 0.1

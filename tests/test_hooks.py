@@ -62,6 +62,28 @@ def test_after_listener_gets_the_object_once_it_is_made() -> None:
 
 
 @pytest.mark.usefixtures("clean_hooks")
+def test_before_listener_gets_the_calls_arguments() -> None:
+    import concurrent.futures
+
+    calls: list[tuple[object, ...]] = []
+
+    def callback(future: object) -> None:
+        calls.append(("called",))
+
+    stop = _hooks.listen(
+        _hooks.FUTURE_ADD_DONE_CALLBACK,
+        lambda future, args, kwargs: calls.append((args, kwargs, future.done())),
+    )
+    try:
+        future: concurrent.futures.Future[None] = concurrent.futures.Future()
+        future.add_done_callback(callback)
+        future.set_result(None)
+    finally:
+        stop()
+    assert calls == [((callback,), {}, False), ("called",)]
+
+
+@pytest.mark.usefixtures("clean_hooks")
 def test_exitcode_listener_is_told_only_of_a_known_code() -> None:
     codes: list[int] = []
     stop = _hooks.listen(_hooks.PROCESS_EXITCODE, lambda process, code: codes.append(code))

@@ -609,7 +609,7 @@ def test_allow_ini_keys_apply_to_every_test(pytester: pytest.Pytester) -> None:
         pytest.param(
             'checks_off=["thread"]',
             "In test_x[[]thread[]]: @pytest.mark.concur_allow checks_off names an unknown check "
-            "'thread'; the checks are: threads, tasks, processes, blocked_loop.",
+            "'thread'; the checks are: threads, tasks, processes, blocked_loop, futures, callbacks.",
             id="unknown-check",
         ),
     ],
@@ -640,7 +640,7 @@ def test_unknown_check_in_ini_is_a_usage_error(pytester: pytest.Pytester) -> Non
     result.stderr.fnmatch_lines(
         [
             "*unknown check 'thread' in concur_checks_off; the checks are: threads, tasks, "
-            "processes, blocked_loop."
+            "processes, blocked_loop, futures, callbacks."
         ]
     )
 

@@ -223,8 +223,14 @@ def _run(job: Job) -> None:
         runner = LoopRunner()
         try:
             runner.run(run_watched_async(job.watches, job.function, job.kwargs))
-        finally:
-            runner.close()
+        except BaseException as exc:
+            problem = runner.close()  # a task that ignores cancellation: named, not waited for
+            if problem is not None and sys.version_info >= (3, 11):
+                exc.add_note(f"\npytest-concur also found:\n{problem}")
+            raise
+        problem = runner.close()
+        if problem is not None:
+            pytest.fail(problem, pytrace=False)
     else:
         run_watched(job.watches, job.nodeid, job.function, job.kwargs)
 

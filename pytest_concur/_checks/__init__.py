@@ -13,7 +13,9 @@ from pytest_concur._backends.base import Check
 def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
     from pytest_concur._checks import _allow
     from pytest_concur._checks.blocked_loop import BlockedLoopCheck
+    from pytest_concur._checks.callbacks import CallbacksCheck
     from pytest_concur._checks.deadlock import DeadlockCheck
+    from pytest_concur._checks.futures import FuturesCheck
     from pytest_concur._checks.processes import ProcessesCheck
     from pytest_concur._checks.tasks import TasksCheck
     from pytest_concur._checks.threads import ThreadsCheck
@@ -31,6 +33,9 @@ def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
         # After the leak checks, so it ends before them: the workers of the concur fixture
         # are judged (and stopped) by it, and the leak checks leave them alone.
         WorkersCheck(),
+        # Background errors: they only look at what the body made, and clean up nothing.
+        FuturesCheck(),
+        CallbacksCheck(),
         # Last, so it begins closest to the body: the others' setup is not timed as its step.
         BlockedLoopCheck(config),
     ]

@@ -21,7 +21,7 @@ from pytest_concur._checks._where import Site
 
 MARKER = "concur_allow"
 # Check names, as ``checks_off`` and ``concur_checks_off`` take them.
-CHECKS = ("threads", "tasks", "processes", "blocked_loop")
+CHECKS = ("threads", "tasks", "processes", "blocked_loop", "futures", "callbacks")
 # Keyword -> ini key of the patterns.
 PATTERN_KEYS = {
     "threads": "concur_allow_threads",

@@ -39,8 +39,12 @@ and nothing is recorded once the watch has ended.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import dataclasses
 import math
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +69,17 @@ DEFAULT = 0.1
 # tracked one during the body, and our own bookkeeping must not be tracked.
 _real_lock = threading.Lock
 _clock = time.perf_counter
+_get_ident = _thread.get_ident
+# The sampler looks for running steps every threshold / 2, within these bounds (seconds),
+# and ends once no watch has run for _LINGER seconds (the next one starts it again).
+_MIN_TICK = 0.005
+# A wait for a CPU shorter than this is not worth a word in the report.
+_SHOWN_WAIT = 0.01
+_MAX_TICK = 0.25
+_LINGER = 1.0
+# Linux's scheduler statistics of the calling thread: nanoseconds on a CPU, nanoseconds
+# waiting for one (runnable, not running), timeslices (Documentation/scheduler/sched-stats).
+_SCHEDSTAT = "/proc/thread-self/schedstat"
 # Await chains deeper than this are cut (the user's line is almost always in the first few).
 _MAX_CHAIN = 32
 # How far past co_firstlineno (the first decorator) a ``def`` line is looked for.
@@ -182,15 +197,27 @@ class BlockedLoopWatch:
 class _LoopState:
     """Timing of one followed loop; only touched from the thread that runs it."""
 
-    __slots__ = ("current", "first")
-    # The body's first step, begun before the wrapper was there: (task, start).
-    first: tuple[asyncio.Task[Any], float] | None
-    # The handle being run: (task or None, await chain before the step, start).
-    current: tuple[asyncio.Task[Any] | None, _Chain, float] | None
+    __slots__ = ("current", "first", "looks", "next_look", "read", "thread")
+    # The body's first step, begun before the wrapper was there: (task, start, schedstat).
+    first: tuple[asyncio.Task[Any], float, bytes] | None
+    # The handle being run: (task or None, await chain before the step, start, schedstat).
+    current: tuple[asyncio.Task[Any] | None, _Chain, float, bytes] | None
+    # The thread that runs the loop (for the sampler), and its scheduler statistics.
+    thread: int
+    read: Callable[[], bytes]
+    # Written by the sampler (under the timing's lock), read when a step is judged: the
+    # start of the step it looked at, and how often it found each user frame there.
+    looks: tuple[float, dict[tuple[str, int, str], int]] | None
+    # The sampler's own: the step it looks at (its start), and when it looks again.
+    next_look: tuple[float, float] | None
 
     def __init__(self) -> None:
         self.first = None
         self.current = None
+        self.thread = _get_ident()
+        self.read = _reader().read
+        self.looks = None
+        self.next_look = None
 
 
 @dataclasses.dataclass
@@ -201,6 +228,10 @@ class _Offender:
     who: str
     where: str
     count: int = 1
+    # Of the longest hold: seconds its thread waited for a CPU (not counted; None where
+    # the platform does not say), and the user's line the sampler found it at.
+    waited: float | None = None
+    blocked_at: str = ""
 
 
 class _Timing:
@@ -223,12 +254,15 @@ class _Timing:
             state = self._loops[loop] = _LoopState()
             self._body_task = asyncio.current_task(loop)
             if watch.body_is_async and self._body_task is not None:
-                state.first = (self._body_task, _clock())
+                state.first = (self._body_task, _clock(), _schedstat())
                 # Without a ready handle the loop could sleep in select() right after the
                 # body's first await, and that sleep would be counted as part of the step.
                 loop.call_soon(_nothing)
 
         self._threshold = watch.threshold
+        # How often the sampler looks for a step that began (it then waits for the step
+        # to pass the threshold, and looks at it then).
+        self.tick = min(max(watch.threshold / 2, _MIN_TICK), _MAX_TICK)
         self._task_type = asyncio.Task
         _hooks.replace(asyncio.events.Handle, "_run", _timed_run)
         self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._follow))
@@ -244,20 +278,62 @@ class _Timing:
             before = _chain(owner.get_coro())
         else:
             task, before = None, _NO_CHAIN
+        ident = _get_ident()
+        if ident != state.thread:  # a loop made in one thread and run in another
+            state.thread, state.read = ident, _reader().read
+        sched = state.read()
         start = _clock()
         first = state.first
         if first is not None:  # the body's first step ended before this handle began
             state.first = None
-            self._judge(None, first[0], None, start - first[1])
+            self._judge(None, first[0], None, start - first[1], state, first[1], first[2], sched)
         previous = state.current
-        state.current = (task, before, start)
+        state.current = (task, before, start, sched)
         try:
             run(handle)
         finally:
             state.current = previous
             elapsed = _clock() - start
             if elapsed > self._threshold:
-                self._judge(handle, task, before, elapsed)
+                self._judge(handle, task, before, elapsed, state, start, sched, state.read())
+
+    def sample(self, now: float, frames: Callable[[], dict[int, FrameType]]) -> float:
+        """In the sampler's thread: note where each step running past the threshold is.
+
+        Returns when it wants to look next. A step is looked at when it passes the
+        threshold, then at twice, four times ... that age: a few looks name the line, and
+        each look takes the GIL from the loop's thread, which would lengthen the very step
+        it looks at (more so on a busy machine, where the sampler may wait for a CPU while
+        holding it).
+        """
+        wanted = now + self.tick
+        for state in list(self._loops.values()):
+            current, first = state.current, state.first
+            if current is not None:
+                start = current[2]
+            elif first is not None:
+                start = first[1]
+            else:
+                continue  # idle, or running a handle of no followed loop
+            age = now - start
+            if age <= self._threshold:
+                wanted = min(wanted, start + self._threshold + _MIN_TICK)
+                continue
+            following = state.next_look
+            if following is not None and following[0] == start and now < following[1]:
+                wanted = min(wanted, following[1])
+                continue
+            state.next_look = (start, start + 2 * age)
+            wanted = min(wanted, start + 2 * age)
+            place = _user_frame(frames().get(state.thread))
+            if place is None:
+                continue
+            with self._lock:
+                looks = state.looks
+                if looks is None or looks[0] != start:
+                    looks = state.looks = (start, {})
+                looks[1][place] = looks[1].get(place, 0) + 1
+        return wanted
 
     def _follow(self, loop: Any, result: None = None) -> None:
         with self._lock:
@@ -271,11 +347,28 @@ class _Timing:
         task: asyncio.Task[Any] | None,
         before: _Chain | None,
         elapsed: float,
+        state: _LoopState,
+        start: float,
+        sched_start: bytes,
+        sched_end: bytes,
         *,
         body_returned: bool = False,
     ) -> None:
         """Record a step or callback over the threshold, unless it is exempt."""
         if elapsed <= self._watch.threshold:
+            return
+        # What the step itself took: not the time its thread was ready to run but waited
+        # for a CPU (a busy machine), where the platform says how long that was.
+        waited = _waited(sched_start, sched_end)
+        held = elapsed - waited if waited is not None else elapsed
+        with self._lock:
+            looks = state.looks
+            if looks is not None and looks[0] == start:
+                state.looks = None
+                blocked_at = _blocked_at(looks[1])
+            else:
+                blocked_at = ""
+        if held <= self._watch.threshold:
             return
         sync_body = not self._watch.body_is_async
         if sync_body and task is not None and _runs_sync_body(task, self._body_task):
@@ -293,11 +386,12 @@ class _Timing:
                 return
             seen = self._offenders.get(key)
             if seen is None:
-                self._offenders[key] = _Offender(elapsed, who, where)
+                self._offenders[key] = _Offender(held, who, where, 1, waited, blocked_at)
                 return
             seen.count += 1
-            if elapsed > seen.longest:
-                seen.longest, seen.who = elapsed, who
+            if held > seen.longest:
+                seen.longest, seen.who, seen.waited = held, who, waited
+                seen.blocked_at = blocked_at or seen.blocked_at
 
     def _describe_step(
         self,
@@ -326,13 +420,24 @@ class _Timing:
         loop = asyncio.events._get_running_loop()
         state = self._loops.get(loop) if loop is not None else None
         if state is not None:
+            sched = _schedstat()
             now = _clock()
             if state.first is not None:  # the body never suspended
-                task, start = state.first
+                task, start, sched_start = state.first
                 state.first = None
-                self._judge(None, task, None, now - start, body_returned=True)
+                self._judge(
+                    None,
+                    task,
+                    None,
+                    now - start,
+                    state,
+                    start,
+                    sched_start,
+                    sched,
+                    body_returned=True,
+                )
             elif state.current is not None:
-                task_now, before, start = state.current
+                task_now, before, start, sched_start = state.current
                 if task_now is not None:
                     # Recorded here: the wrapper that timed this step records nothing once
                     # the watch has ended, which it has by the time the step is over.
@@ -341,6 +446,10 @@ class _Timing:
                         task_now,
                         before,
                         now - start,
+                        state,
+                        start,
+                        sched_start,
+                        sched,
                         body_returned=task_now is self._body_task,
                     )
         with self._lock:
@@ -361,7 +470,7 @@ class _Timing:
 
 
 # The timings of the watches that run now (one, but for a body abandoned at its deadline):
-# replaced under the lock, read without it by the wrapper of Handle._run.
+# replaced under the lock, read without it by the wrapper of Handle._run and the sampler.
 _timings_lock = _real_lock()
 _TIMINGS: tuple[_Timing, ...] = ()
 
@@ -370,12 +479,218 @@ def _start_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = (timing, *_TIMINGS)
+    _sampler.wanted()
 
 
 def _stop_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = tuple(t for t in _TIMINGS if t is not timing)
+
+
+# -- what a step consumed: wall time less the time its thread waited for a CPU ------------
+
+
+class _SchedStat:
+    """The calling thread's ``/proc/thread-self/schedstat``, kept open (one per thread)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self) -> None:
+        try:
+            self.fd = os.open(_SCHEDSTAT, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:  # not Linux, or no scheduler statistics: wall time it is
+            self.fd = -1
+
+    def read(self) -> bytes:
+        if self.fd < 0:
+            return b""
+        try:
+            return os.pread(self.fd, 64, 0)
+        except OSError:  # pragma: no cover - the kernel refused a file it opened
+            return b""
+
+    def __del__(self) -> None:  # the thread ended (its locals go), or a fork's child
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+_sched_local = threading.local()
+
+
+def _reader() -> _SchedStat:
+    """The calling thread's reader of its scheduler statistics."""
+    reader: _SchedStat | None = getattr(_sched_local, "reader", None)
+    if reader is None:
+        reader = _sched_local.reader = _SchedStat()
+    return reader
+
+
+def _schedstat() -> bytes:
+    """The calling thread's scheduler statistics now, unparsed; ``b""`` where there are none.
+
+    Read before every step of a followed loop (one ``pread``), and after one that took
+    longer than the threshold; parsed only then.
+    """
+    return _reader().read()
+
+
+def _waited(start: bytes, end: bytes) -> float | None:
+    """Seconds the thread was ready to run but waited for a CPU in between; None: unknown."""
+    if not start or not end:
+        return None
+    try:
+        return max(0.0, (int(end.split()[1]) - int(start.split()[1])) / 1e9)
+    except (IndexError, ValueError):  # pragma: no cover - a format we do not know
+        return None
+
+
+def measured_as() -> str:
+    """How the check measures a step here, for its report."""
+    if _schedstat():
+        return "wall time less the time its thread waited for a CPU"
+    return "wall time: this platform tells no thread's wait for a CPU"
+
+
+# -- the sampler: which line a step that runs too long is at -----------------------------
+#
+# Only a thread of its own can look at a loop whose thread is busy in the step. It is
+# started with _thread (no threading.Thread: the leak checks, the deadlock check and the
+# process backend's start method see only those), when a watch begins and none runs; it
+# ends once no watch has run for _LINGER seconds, and before every fork (os.register_at_fork:
+# a fork must not copy a thread of ours, and Python 3.12+ warns of one). It takes no lock
+# a body can hold, and never calls threading.current_thread() (that would register it).
+
+
+@final
+class _Sampler:
+    def __init__(self) -> None:
+        self.lock = _real_lock()
+        self.running = False
+        self.stopping = False
+        self.native_id: int | None = None
+        self.ident: int | None = None
+        # Held while the sampler waits between looks: released to wake it early.
+        self.wake = _real_lock()
+        self.wake.acquire()
+        self.done = _real_lock()
+
+    def wanted(self) -> None:
+        """A watch began: make sure the sampler runs."""
+        with self.lock:
+            if self.running or self.stopping:
+                return
+            self.running = True
+            self.done.acquire()
+        try:
+            _thread.start_new_thread(self._run, ())
+        except RuntimeError:  # pragma: no cover - no more threads: no lines named
+            with self.lock:
+                self.running = False
+                self.done.release()
+
+    def _run(self) -> None:
+        self.ident = _get_ident()
+        self.native_id = threading.get_native_id()
+        idle_since: float | None = None
+        timeout = _MIN_TICK
+        try:
+            while True:
+                timings = _TIMINGS
+                with self.lock:
+                    if self.stopping:
+                        return
+                    now = time.monotonic()
+                    if timings:
+                        idle_since = None
+                    elif idle_since is None:
+                        idle_since = now
+                    elif now - idle_since > _LINGER:
+                        return
+                if self.wake.acquire(timeout=max(timeout, _MIN_TICK)):
+                    continue  # woken: stopping
+                timings = _TIMINGS
+                now = _clock()
+                wanted = now + (min(t.tick for t in timings) if timings else _LINGER / 4)
+                for timing in timings:
+                    with contextlib.suppress(Exception):  # a look never ends it
+                        wanted = min(wanted, timing.sample(now, sys._current_frames))
+                timeout = wanted - _clock()
+        finally:
+            with self.lock:
+                self.running = False
+                self.ident = None
+            self.done.release()
+
+    def stop(self) -> None:
+        """Before a fork: end the sampler and wait until its thread is gone."""
+        with self.lock:
+            if not self.running:
+                return
+            self.stopping = True
+            native_id = self.native_id
+        self.wake.release()
+        self.done.acquire()  # it left its loop
+        self.done.release()
+        self.wake.acquire(blocking=False)  # taken back, if it did not take it
+        # The thread's last instructions still run after it released ``done``: wait until
+        # the kernel has it no more (Linux), so that the fork copies no thread of ours.
+        task = f"/proc/self/task/{native_id}"
+        deadline = time.monotonic() + 1.0
+        while native_id is not None and os.path.exists(task) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        with self.lock:
+            self.stopping = False
+
+    def after_fork_in_parent(self) -> None:
+        if _TIMINGS:
+            self.wanted()
+
+
+_sampler = _Sampler()
+
+
+def _after_fork_in_child() -> None:
+    global _sampler, _sched_local
+    _sampler = _Sampler()  # the parent's sampler is not in the child
+    _sched_local = threading.local()  # its files are the parent's threads'
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(
+        before=lambda: _sampler.stop(),
+        after_in_parent=lambda: _sampler.after_fork_in_parent(),
+        after_in_child=_after_fork_in_child,
+    )
+
+
+def sampler_ident() -> int | None:
+    """The sampler's thread ident while it runs: no thread of the test (for hang reports)."""
+    return _sampler.ident
+
+
+def _user_frame(frame: FrameType | None) -> tuple[str, int, str] | None:
+    """The innermost frame of the user's code on a stack: (file, line, function)."""
+    while frame is not None:
+        code = frame.f_code
+        if not _is_library(code.co_filename):
+            return code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name)
+        frame = frame.f_back
+    return None
+
+
+def _blocked_at(looks: dict[tuple[str, int, str], int]) -> str:
+    """The line the sampler found a step at most often, with its source."""
+    import linecache
+
+    (filename, lineno, function), count = max(looks.items(), key=lambda item: item[1])
+    total = sum(looks.values())
+    text = linecache.getline(filename, lineno).strip()
+    where = f"at {short_path(filename)}:{lineno} in {function}" + (f": {text}" if text else "")
+    if total > count:
+        where += f" ({count} of {total} looks)"
+    return where
 
 
 def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
@@ -530,15 +845,20 @@ def _task_name(task: asyncio.Task[Any]) -> str:
     return task.get_name() or f"Task at 0x{id(task):x}"
 
 
-def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
-    """Key, name and definition site of a plain callback."""
+def describe_callable(callback: Any) -> tuple[str, str]:
+    """The name of a callback and ``file:line`` of its definition ("" if it has none)."""
     function = callback
     while hasattr(function, "func"):  # functools.partial
         function = function.func
     function = getattr(function, "__func__", function)  # a bound method
-    name = callable_name(function)
     code = getattr(function, "__code__", None)
     site = f"{short_path(code.co_filename)}:{code.co_firstlineno}" if code is not None else ""
+    return callable_name(function), site
+
+
+def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
+    """Key, name and definition site of a plain callback."""
+    name, site = describe_callable(callback)
     owner = getattr(callback, "__self__", None)
     protocol = getattr(owner, "_protocol", None)
     if protocol is not None:
@@ -564,7 +884,7 @@ def _report(offenders: list[_Offender], threshold: float) -> str:
     count = sum(o.count for o in offenders)
     lines = [
         f"pytest-concur: the event loop was blocked: {plural(count, 'step or callback', 'steps or callbacks')} "
-        f"held it longer than {threshold:g} s ({INI})"
+        f"held it longer than {threshold:g} s ({INI}; measured as {measured_as()})"
     ]
     for offender in offenders:
         line = f"  {offender.who} held the event loop for {_seconds_text(offender.longest)}"
@@ -573,6 +893,13 @@ def _report(offenders: list[_Offender], threshold: float) -> str:
         if offender.count > 1:
             line += f" ({offender.count} times; the longest shown)"
         lines.append(line)
+        if offender.blocked_at:
+            lines.append(f"    blocked {offender.blocked_at}")
+        if offender.waited is not None and offender.waited >= _SHOWN_WAIT:
+            lines.append(
+                f"    (its thread also waited {_seconds_text(offender.waited)} for a CPU: "
+                "a busy machine, not counted)"
+            )
     longest = max(o.longest for o in offenders)
     lines.append(
         "  Nothing else on the loop runs meanwhile (no other task, no timer, no I/O). A "

@@ -551,6 +551,18 @@ def _bound_to(target: object) -> tuple[object, ...]:
     return () if owner is None or isinstance(owner, types.ModuleType) else (owner,)
 
 
+def started_for_a_fixture(thread: threading.Thread) -> Site | None:
+    """Where a live fixture's lineage started ``thread``, if one did."""
+    with _lineages_lock:
+        lineages = list(_LINEAGES)
+    for lineage in lineages:
+        with lineage.lock:
+            started = lineage.started.get(thread)
+        if started is not None:
+            return started.site
+    return None
+
+
 def _running(
     state: _Recording, ignored: object, loop_pools: bool = False
 ) -> tuple[
