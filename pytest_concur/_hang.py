@@ -183,9 +183,6 @@ def _threads(
     tracker = _locks.TRACKER
     started = set() if tracker is None else {t.ident for t in list(tracker.started)}
     names = {t.ident: t for t in threading.enumerate()}
-    blocked_loop = sys.modules.get("pytest_concur._checks.blocked_loop")
-    if blocked_loop is not None:  # its sampler is no thread of the test's
-        frames.pop(blocked_loop.sampler_ident(), None)
     order = sorted(
         (ident for ident in frames if ident not in passive),
         key=lambda ident: (ident != body_thread, ident not in started, _name(names, ident)),

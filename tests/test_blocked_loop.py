@@ -578,3 +578,22 @@ def test_a_busy_machine_changes_no_verdict(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     # The step did hold the loop past the threshold on the clock: the check told why.
     assert float((pytester.path / "wall.txt").read_text()) > 0.1
+
+
+def test_the_sampler_is_not_in_a_hang_report(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.backend("asyncio")
+        @pytest.mark.timeout(1)
+        async def test_hangs_in_a_step():
+            await asyncio.sleep(0)
+            time.sleep(30)  # the sampler looks at this step while the deadline strikes
+        """
+    )
+    result = pytester.runpytest_subprocess(timeout=60)
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["Threads (most recent call last):", "  Thread 'MainThread'*"])
+    result.stdout.no_fnmatch_line("*not a threading.Thread*")

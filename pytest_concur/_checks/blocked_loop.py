@@ -557,7 +557,8 @@ def measured_as() -> str:
 #
 # Only a thread of its own can look at a loop whose thread is busy in the step. It is
 # started with _thread (no threading.Thread: the leak checks, the deadlock check and the
-# process backend's start method see only those), when a watch begins and none runs; it
+# process backend's start method see only those; a hang report shows no thread whose frames
+# are all ours), when a watch begins and none runs; it
 # ends once no watch has run for _LINGER seconds, and before every fork (os.register_at_fork:
 # a fork must not copy a thread of ours, and Python 3.12+ warns of one). It takes no lock
 # a body can hold, and never calls threading.current_thread() (that would register it).
@@ -666,7 +667,8 @@ if hasattr(os, "register_at_fork"):  # POSIX
 
 
 def sampler_ident() -> int | None:
-    """The sampler's thread ident while it runs: no thread of the test (for hang reports)."""
+    """The sampler's thread ident while it runs (hang reports leave it out already: all its
+    frames are pytest-concur's)."""
     return _sampler.ident
 
 
