@@ -243,9 +243,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     _marker.default_workers(config)  # a bad --concur-workers is a usage error up front
     _marker.default_explore(config)  # and so is a bad --concur-explore
     if _explore_asked(config):
-        from pytest_concur import _explore
+        from pytest_concur._explore import session as explore_session
 
-        _explore.session(config)  # and a bad --concur-seed or --concur-replay
+        explore_session(config)  # and a bad --concur-seed or --concur-replay
     from pytest_concur import _timeout
 
     _timeout.default(config)  # and so is a bad --concur-timeout
@@ -259,18 +259,18 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_report_header(config: pytest.Config) -> str | None:
     if not _explore_asked(config):
         return None
-    from pytest_concur import _explore
+    from pytest_concur._explore import header
 
-    return _explore.header(config)
+    return header(config)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     # pytest-xdist: every worker explores from the controller's base seed.
     if _explore_asked(node.config):
-        from pytest_concur import _explore
+        from pytest_concur._explore import WORKERINPUT_SEED, session
 
-        node.workerinput[_explore.WORKERINPUT_SEED] = _explore.session(node.config).seed
+        node.workerinput[WORKERINPUT_SEED] = session(node.config).seed
 
 
 def _explore_asked(config: pytest.Config) -> bool:
@@ -380,9 +380,9 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     if name is not None:
         item.stash[BACKEND_NAME] = name
         if _marker.explore(item) or item.config.getoption("concur_replay") is not None:
-            from pytest_concur import _explore
+            from pytest_concur._explore import prepare
 
-            _explore.prepare(item)  # before the fixtures make the item's loop
+            prepare(item)  # before the fixtures make the item's loop
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -412,10 +412,10 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     call = make_call()
     runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
     if "pytest_concur._explore" in sys.modules:
-        from pytest_concur import _explore
+        from pytest_concur._explore import exploring, run
 
-        if _explore.exploring(pyfuncitem):
-            _explore.run(pyfuncitem, runner, call, make_call)  # each run with fresh watches
+        if exploring(pyfuncitem):
+            run(pyfuncitem, runner, call, make_call)  # each run with fresh watches
             return True
     runner.run(call)
     return True
@@ -438,9 +438,9 @@ def pytest_runtest_makereport(
 
         add_section(item, report)
         if "pytest_concur._explore" in sys.modules:
-            from pytest_concur import _explore
+            from pytest_concur._explore import add_section as add_schedule_section
 
-            _explore.add_section(item, report)
+            add_schedule_section(item, report)
     return report
 
 
@@ -458,9 +458,9 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
     if "pytest_concur._explore" in sys.modules:
-        from pytest_concur import _explore
+        from pytest_concur._explore import summary
 
-        for line in _explore.summary(config):
+        for line in summary(config):
             terminalreporter.write_line(line)
     if "pytest_concur._stress" not in sys.modules:
         return  # no test ran under a backend

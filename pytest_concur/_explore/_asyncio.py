@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import threading
 from typing import Any, final
 
 from pytest_concur._explore._schedule import Schedule
@@ -66,7 +65,6 @@ class _ReadyQueue(collections.deque[Any]):
         # id(handle) -> its owner, for handles scheduled while a schedule was set. A handle
         # leaves the map when it leaves the queue, so an id is never stale.
         self._owners: dict[int, object] = {}
-        self._thread = threading.get_ident()
 
     def append(self, handle: Any) -> None:
         if self._control.schedule is not None:
@@ -112,7 +110,7 @@ class _ReadyQueue(collections.deque[Any]):
         task = getattr(callback, "__self__", None)
         if isinstance(task, asyncio.Task):
             return task
-        if threading.get_ident() != self._thread:
+        if asyncio.events._get_running_loop() is not self._loop:
             return _LOOP  # another thread's call_soon_threadsafe
         running = asyncio.current_task(self._loop)
         return running if running is not None else _LOOP
