@@ -87,21 +87,41 @@ def test_check_then_await_race_is_found_and_replays_exactly(
 
 def test_the_locked_version_passes_200_schedules(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
-        race()
-        .replace(
-            "async def get(cache, key):\n    if key not in cache:",
-            "LOCK = None\n\nasync def get(cache, key):\n    async with LOCK:\n      if key not in cache:",
-        )
-        .replace("        cache[key] = await fetch(key)", "        cache[key] = await fetch(key)")
-        .replace("explore=50", "explore=200")
-        .replace(
-            "    FETCHES.clear()",
-            "    global LOCK\n    LOCK = asyncio.Lock()\n    RUNS.append(1)\n    FETCHES.clear()",
-        )
-        + "\nRUNS = []\n\ndef test_zz_every_schedule_ran():\n    assert len(RUNS) == 200\n"
+        """
+        import asyncio
+        import pytest
+
+        FETCHES = []
+        RUNS = []
+
+        async def fetch(key):
+            FETCHES.append(key)
+            await asyncio.sleep(0)
+            return key * 2
+
+        async def get(lock, cache, key):
+            async with lock:
+                if key not in cache:
+                    cache[key] = await fetch(key)
+            return cache[key]
+
+        async def later(lock, cache, key):
+            await asyncio.sleep(0)
+            return await get(lock, cache, key)
+
+        @pytest.mark.backend("asyncio", "thread", explore=200)
+        async def test_fetched_once():
+            RUNS.append(1)
+            FETCHES.clear()
+            lock, cache = asyncio.Lock(), {}
+            assert await asyncio.gather(get(lock, cache, 1), later(lock, cache, 1)) == [2, 2]
+            assert FETCHES == [1], "fetched more than once"
+
+        def test_zz_every_schedule_ran():
+            assert len(RUNS) == 2 * 200
+        """
     )
-    result = pytester.runpytest("-p", "no:randomly")
-    result.assert_outcomes(passed=2)
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=3)
 
 
 def test_same_seed_same_schedules_and_the_seed_is_in_the_header(
