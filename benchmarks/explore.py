@@ -35,23 +35,28 @@ from pathlib import Path
 from pytest_concur._explore._asyncio import Control, exploring_loop
 from pytest_concur._explore._schedule import Schedule
 
-# Each body: (name, racy source, correct source). A plain run of each racy one passes:
+# A cache's get, racy and locked, shared by two bodies.
+_GET = (
+    """
+    async def get(cache, key):
+        if key not in cache:
+            cache[key] = await fetch(key)
+        return cache[key]
+    """,
+    """
+    async def get(cache, key):
+        async with LOCKS[0]:
+            if key not in cache:
+                cache[key] = await fetch(key)
+        return cache[key]
+    """,
+)
+
+# Each body: name -> (racy source, correct source, the rest). A plain run of each racy one passes:
 # asyncio's first-in-first-out order happens to hide the race.
 BODIES = {
     "check-then-await": (
-        """
-        async def get(cache, key):
-            if key not in cache:
-                cache[key] = await fetch(key)
-            return cache[key]
-        """,
-        """
-        async def get(cache, key):
-            async with LOCKS[0]:
-                if key not in cache:
-                    cache[key] = await fetch(key)
-            return cache[key]
-        """,
+        *_GET,
         """
         async def fetch(key):
             FETCHES.append(key)
@@ -69,19 +74,7 @@ BODIES = {
         """,
     ),
     "cache stampede (4 tasks)": (
-        """
-        async def get(cache, key):
-            if key not in cache:
-                cache[key] = await fetch(key)
-            return cache[key]
-        """,
-        """
-        async def get(cache, key):
-            async with LOCKS[0]:
-                if key not in cache:
-                    cache[key] = await fetch(key)
-            return cache[key]
-        """,
+        *_GET,
         """
         async def fetch(key):
             FETCHES.append(key)
@@ -186,7 +179,18 @@ def _failures(folder: Path, source: str, *args: str) -> tuple[int, int, float]:
     path.write_text(source)
     start = time.perf_counter()
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), *args],
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-p",
+            "no:asyncio",
+            str(path),
+            *args,
+        ],
         cwd=folder,
         capture_output=True,
         text=True,
@@ -212,7 +216,18 @@ def _call_seconds(folder: Path, source: str) -> float:
     best = float("inf")
     for _ in range(3):
         proc = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(path), *_DURATION],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-p",
+                "no:asyncio",
+                str(path),
+                *_DURATION,
+            ],
             cwd=folder,
             capture_output=True,
             text=True,
