@@ -369,3 +369,15 @@ def test_a_bad_marker_value_fails_collection_with_the_fix(
             f'more, got {value}: write e.g. @pytest.mark.backend("asyncio", explore=100).'
         ]
     )
+
+
+def test_xdist_workers_explore_from_the_controllers_seed(pytester: pytest.Pytester) -> None:
+    pytest.importorskip("xdist")
+    pytester.makepyfile(race('"asyncio", "thread"', explore=None))
+    result = pytester.runpytest_subprocess("-n", "2", "--concur-explore=50")
+    result.assert_outcomes(failed=2)
+    seed = re.search(r"pytest-concur: explore seed (\d+) ", result.stdout.str())
+    assert seed is not None
+    alone = pytester.runpytest("--concur-explore=50", f"--concur-seed={seed[1]}")
+    alone.assert_outcomes(failed=2)
+    assert sorted(TOKEN.findall(result.stdout.str())) == sorted(TOKEN.findall(alone.stdout.str()))

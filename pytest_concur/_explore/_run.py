@@ -270,7 +270,8 @@ def _failed(
     item.stash[_SECTION_TEXT] = "\n".join(lines)
     item.user_properties.append(("concur_replay", str(token)))
     cache = getattr(item.config, "cache", None)
-    if cache is not None and schedule.divergence is None:
+    # A replay that diverged made decisions of its own: its token replays them exactly.
+    if cache is not None:
         last = dict(cache.get(CACHE_KEY, {}))
         decisions = schedule.decisions if count <= _MAX_RECORDED else None
         last[item.nodeid] = {"token": str(token), "decisions": decisions}
