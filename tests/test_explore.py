@@ -381,3 +381,36 @@ def test_xdist_workers_explore_from_the_controllers_seed(pytester: pytest.Pytest
     alone = pytester.runpytest("--concur-explore=50", f"--concur-seed={seed[1]}")
     alone.assert_outcomes(failed=2)
     assert sorted(TOKEN.findall(result.stdout.str())) == sorted(TOKEN.findall(alone.stdout.str()))
+
+
+def test_each_run_is_checked_and_a_check_failure_names_its_schedule(
+    pytester: pytest.Pytester,
+) -> None:
+    # The leak check watches every run; the third run leaves a task behind.
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+
+        RUNS = []
+
+        async def forever():
+            await asyncio.Event().wait()
+
+        @pytest.mark.backend("asyncio", explore=10)
+        async def test_leaks_on_the_third_run():
+            RUNS.append(1)
+            await asyncio.gather(asyncio.sleep(0), asyncio.sleep(0))
+            if len(RUNS) == 3:
+                asyncio.get_running_loop().create_task(forever(), name="left-behind")
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*left-behind*",
+            "*- pytest-concur: schedule -*",
+            "schedule 3 of 10 failed: r1-*",
+        ]
+    )

@@ -167,10 +167,11 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
                 _failed(item, schedule, f"schedule {index + 1} of {plan.runs}")
             raise
         if not plan.control.ran or not plan.control.explorable:
+            times = f"not {plan.runs} times" if plan.runs > 1 else "unexplored"
             state.notes.append(
-                f"{item.nodeid}: ran once, not {plan.runs} times: its body does not run on an "
-                "event loop pytest-concur schedules (only async bodies under the asyncio and "
-                "thread backends do, so far)"
+                f"{item.nodeid}: ran once, {times}: its body does not run on an event loop "
+                "pytest-concur schedules (only async bodies under the asyncio and thread "
+                "backends do, so far)"
             )
             return
         if not schedule.decisions:
