@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, final
 
 import pytest
@@ -33,17 +33,19 @@ from pytest_concur._loopwatch import new_loop
 _ITEM_LOOP = pytest.StashKey["LoopRunner"]()
 # How long the loop runs after the given-up tasks' coroutines were closed, for them to end.
 _CLOSED_STEP = 0.1
+# What makes an item's loop, if not new_loop (schedule exploration: see _explore).
+_LOOP_FACTORY = pytest.StashKey[Callable[[], asyncio.AbstractEventLoop]]()
 
 
 @final
 class LoopRunner:
     """Runs coroutines to completion on one private event loop, then closes it."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop] = new_loop) -> None:
         if sys.version_info >= (3, 11):
-            self._runner: Any = asyncio.Runner(loop_factory=new_loop)
+            self._runner: Any = asyncio.Runner(loop_factory=loop_factory)
         else:  # pragma: no cover - exercised by the py310 tox env
-            self._runner = _Runner310()
+            self._runner = _Runner310(loop_factory)
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         """Run ``coro`` as a task on this runner's loop, from the calling thread."""
@@ -77,12 +79,13 @@ class LoopRunner:
 
 
 class _Runner310:  # pragma: no cover - exercised by the py310 tox env
-    def __init__(self) -> None:
+    def __init__(self, loop_factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_factory = loop_factory
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         if self._loop is None:
-            self._loop = new_loop()
+            self._loop = self._loop_factory()
         return self._loop.run_until_complete(self._loop.create_task(coro))
 
     def close(self) -> None:
@@ -188,8 +191,15 @@ def item_loop(item: pytest.Item) -> LoopRunner:
     """The item's own loop runner, created on first use."""
     runner = item.stash.get(_ITEM_LOOP, None)
     if runner is None:
-        runner = item.stash[_ITEM_LOOP] = LoopRunner()
+        runner = item.stash[_ITEM_LOOP] = LoopRunner(item.stash.get(_LOOP_FACTORY, new_loop))
     return runner
+
+
+def set_loop_factory(item: pytest.Item, factory: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    """Make ``item``'s loop with ``factory`` instead of ``new_loop``; before it is made."""
+    if _ITEM_LOOP in item.stash:
+        raise RuntimeError(f"{item.nodeid}: its event loop exists already")
+    item.stash[_LOOP_FACTORY] = factory
 
 
 def close_item_loop(item: pytest.Item) -> None:

@@ -27,8 +27,10 @@ OPTION = "--concur-backends"
 INI = "concur_backends"
 WORKERS_OPTION = "--concur-workers"
 WORKERS_INI = "concur_workers"
+EXPLORE_OPTION = "--concur-explore"
+EXPLORE_INI = "concur_explore"
 # The keywords backend(...) takes.
-_KEYWORDS = ("workers",)
+_KEYWORDS = ("workers", "explore")
 
 # Markers by which other plugins claim an async test, and what to call them in messages.
 # marker -> (the plugin that runs tests so marked, its name in the plugin manager)
@@ -42,6 +44,7 @@ _DEFAULT = pytest.StashKey["Selection | None"]()
 # Tests --concur-backends left to the plugin that runs them, by that plugin (for the report).
 _LEFT_TO_OTHERS = pytest.StashKey[dict[str, int]]()
 _DEFAULT_WORKERS = pytest.StashKey[int]()
+_DEFAULT_EXPLORE = pytest.StashKey[int]()
 
 
 @final
@@ -76,6 +79,7 @@ def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
             '@pytest.mark.backend("thread", "process", "asyncio", workers=8).'
         )
     marker_workers(mark)
+    marker_explore(mark)
     names: list[str] = []
     for arg in mark.args:
         if isinstance(arg, str):
@@ -143,6 +147,54 @@ def workers(item: pytest.Item) -> int:
     mark = item.get_closest_marker(MARKER)
     count = marker_workers(mark) if mark is not None else None
     return count if count is not None else default_workers(item.config)
+
+
+def marker_explore(mark: pytest.Mark) -> int | None:
+    """The ``explore=`` of a ``backend(...)`` marker, or ``None``; ``pytest.fail`` if invalid."""
+    if "explore" not in mark.kwargs:
+        return None
+    value = mark.kwargs["explore"]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        _fail(
+            f"@pytest.mark.backend(explore=...) takes a whole number of schedules, 0 (off) or "
+            f'more, got {value!r}: write e.g. @pytest.mark.backend("asyncio", explore=100).'
+        )
+    return value
+
+
+def parse_explore(value: object, origin: str) -> int:
+    """A schedule count from the option or the ini key; a usage error if it is not one."""
+    try:
+        count = int(str(value).strip())
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise pytest.UsageError(
+            f"pytest-concur: {origin} takes a whole number of schedules, 0 (off) or more, "
+            f"got {value!r}: e.g. {EXPLORE_OPTION}=100."
+        )
+    return count
+
+
+def default_explore(config: pytest.Config) -> int:
+    """How many schedules ``--concur-explore`` or the ``concur_explore`` ini key ask for (0)."""
+    if _DEFAULT_EXPLORE not in config.stash:
+        option: object = config.getoption("concur_explore")
+        if option is not None:
+            count = parse_explore(option, EXPLORE_OPTION)
+        else:
+            ini = str(config.getini(EXPLORE_INI) or "").strip()
+            count = parse_explore(ini, f"{EXPLORE_INI} (ini)") if ini else 0
+        config.stash[_DEFAULT_EXPLORE] = count
+    return config.stash[_DEFAULT_EXPLORE]
+
+
+def explore(item: pytest.Item) -> int:
+    """How many schedules ``item``'s body is explored under: the marker's ``explore=``, else
+    the option, else the ini key, else 0 (the body runs once, as asyncio schedules it)."""
+    mark = item.get_closest_marker(MARKER)
+    count = marker_explore(mark) if mark is not None else None
+    return count if count is not None else default_explore(item.config)
 
 
 def parse_list(value: str) -> tuple[str, ...]:

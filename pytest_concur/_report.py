@@ -37,6 +37,15 @@ def apply_longrepr(
         report.longrepr = longrepr
 
 
+def add_section(report: pytest.TestReport, title: str, text: str) -> None:
+    """Put ``text`` under the failure in ``report``, in a section named ``title``."""
+    longrepr: Any = report.longrepr
+    if hasattr(longrepr, "addsection"):
+        longrepr.addsection(title, text)
+    elif isinstance(longrepr, str):
+        report.longrepr = f"{longrepr}\n\n{title}:\n{text}"
+
+
 def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """End the traceback of a DeadlockError or HangError at the user's waiting line.
 

@@ -57,7 +57,7 @@ import pluggy
 import pytest
 
 import pytest_concur
-from pytest_concur import _hooks, _locks
+from pytest_concur import _hooks, _locks, _report
 from pytest_concur._locks import DeadlockError
 from pytest_concur._watching import check_result, end_watches
 
@@ -727,13 +727,8 @@ def add_section(item: pytest.Item, report: pytest.TestReport) -> None:
     if text is None:
         return
     del item.stash[_SECTION_TEXT]
-    if not report.failed:
-        return
-    longrepr: Any = report.longrepr
-    if hasattr(longrepr, "addsection"):
-        longrepr.addsection(SECTION, text)
-    elif isinstance(longrepr, str):
-        report.longrepr = f"{longrepr}\n\n{SECTION}:\n{text}"
+    if report.failed:
+        _report.add_section(report, SECTION, text)
 
 
 def failure_key(error: BaseException | None) -> Hashable:

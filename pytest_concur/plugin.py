@@ -84,6 +84,38 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "(separated by commas or spaces); empty leaves their tests to them.",
         default="",
     )
+    # Schedule exploration (pytest_concur/_explore).
+    group.addoption(
+        _marker.EXPLORE_OPTION,
+        dest="concur_explore",
+        metavar="N",
+        default=None,
+        help="Explore schedules: run the body of every test that runs under a backend up to "
+        "N times, each under another seeded order of its asyncio tasks, until one fails "
+        "(tests with @pytest.mark.backend(..., explore=M) try M). Overrides the "
+        "concur_explore ini key.",
+    )
+    group.addoption(
+        "--concur-seed",
+        dest="concur_seed",
+        metavar="SEED",
+        default=None,
+        help="Base seed of the explored schedules (default: a random one, shown in the "
+        "header); each test derives its own from it and its node id.",
+    )
+    group.addoption(
+        "--concur-replay",
+        dest="concur_replay",
+        metavar="TOKEN",
+        default=None,
+        help="Rerun exactly the schedule a failure named with this replay token, or 'last': "
+        "the last failing schedule of each test, from pytest's cache.",
+    )
+    parser.addini(
+        _marker.EXPLORE_INI,
+        "Schedules to explore for each backend test's body (default 0: none).",
+        default="",
+    )
     parser.addini(
         "concur_timeout",
         "Seconds a test that runs under a backend may take when pytest-timeout sets no "
@@ -222,9 +254,10 @@ def pytest_configure(config: pytest.Config) -> None:
     _track_locks(config)  # a plugin registered after the initial conftests were loaded
     config.addinivalue_line(
         "markers",
-        "backend(*names, workers=1): run this test once under each named pytest-concur "
-        "backend, as separate items test[name] (built in: thread, process, asyncio); "
-        "workers=N runs N copies of the body at once in each.",
+        "backend(*names, workers=1, explore=0): run this test once under each named "
+        "pytest-concur backend, as separate items test[name] (built in: thread, process, "
+        "asyncio); workers=N runs N copies of the body at once in each; explore=N runs the "
+        "body under up to N seeded schedules of its tasks, until one fails.",
     )
     config.addinivalue_line(
         "markers",
@@ -293,6 +326,11 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             f"({backend.description}); select them with -m concur_{name}.",
         )
     _marker.default_workers(config)  # a bad --concur-workers is a usage error up front
+    _marker.default_explore(config)  # and so is a bad --concur-explore
+    if _explore_asked(config):
+        from pytest_concur._explore import session as explore_session
+
+        explore_session(config)  # and a bad --concur-seed or --concur-replay
     from pytest_concur import _timeout
 
     _timeout.default(config)  # and so is a bad --concur-timeout
@@ -301,6 +339,31 @@ def pytest_sessionstart(session: pytest.Session) -> None:
         problem = _marker.check(default, registry)
         if problem is not None:
             raise pytest.UsageError(f"pytest-concur: {problem}")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    if not _explore_asked(config):
+        return None
+    from pytest_concur._explore import header
+
+    return header(config)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    # pytest-xdist: every worker explores from the controller's base seed.
+    if _explore_asked(node.config):
+        from pytest_concur._explore import WORKERINPUT_SEED, session
+
+        node.workerinput[WORKERINPUT_SEED] = session(node.config).seed
+
+
+def _explore_asked(config: pytest.Config) -> bool:
+    """Whether an option or the ini key asks for exploring schedules or replaying one."""
+    return any(
+        config.getoption(dest) is not None
+        for dest in ("concur_explore", "concur_seed", "concur_replay")
+    ) or bool(str(config.getini(_marker.EXPLORE_INI) or "").strip())
 
 
 @pytest.fixture(autouse=True)
@@ -409,6 +472,12 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         message = errors.get(f"{item.parent.nodeid}::{item.originalname}" if item.parent else "")
         if message is not None:
             pytest.fail(message, pytrace=False)
+    if name is not None and (
+        _marker.explore(item) or item.config.getoption("concur_replay") is not None
+    ):
+        from pytest_concur._explore import prepare
+
+        prepare(item)  # before the fixtures make the item's loop
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -422,16 +491,26 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
 
     config = pyfuncitem.config
     backend = config.stash[_registry.REGISTRY][name]
-    watches = [check.watch(pyfuncitem) for check in config.stash[_registry.CHECKS]]
-    call = BodyCall(
-        item=pyfuncitem,
-        function=pyfuncitem.obj,
-        kwargs=_body_kwargs(pyfuncitem),
-        run_coroutine=functools.partial(_run_on_item_loop, pyfuncitem),
-        watches=[watch for watch in watches if watch is not None],
-        workers=copies(pyfuncitem),
-    )
+
+    def make_call() -> BodyCall:
+        watches = [check.watch(pyfuncitem) for check in config.stash[_registry.CHECKS]]
+        return BodyCall(
+            item=pyfuncitem,
+            function=pyfuncitem.obj,
+            kwargs=_body_kwargs(pyfuncitem),
+            run_coroutine=functools.partial(_run_on_item_loop, pyfuncitem),
+            watches=[watch for watch in watches if watch is not None],
+            workers=copies(pyfuncitem),
+        )
+
+    call = make_call()
     runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
+    if "pytest_concur._explore" in sys.modules:
+        from pytest_concur._explore import exploring, run
+
+        if exploring(pyfuncitem):
+            run(pyfuncitem, runner, call, make_call)  # each run with fresh watches
+            return True
     runner.run(call)
     return True
 
@@ -452,6 +531,10 @@ def pytest_runtest_makereport(
         from pytest_concur._stress import add_section
 
         add_section(item, report)
+        if "pytest_concur._explore" in sys.modules:
+            from pytest_concur._explore import add_section as add_schedule_section
+
+            add_schedule_section(item, report)
     return report
 
 
@@ -468,6 +551,11 @@ def pytest_sessionfinish(session: pytest.Session) -> Generator[None, None, None]
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    if "pytest_concur._explore" in sys.modules:
+        from pytest_concur._explore import summary
+
+        for line in summary(config):
+            terminalreporter.write_line(line)
     if "pytest_concur._stress" not in sys.modules:
         return  # no test ran under a backend
     from pytest_concur._stress import serial_summary

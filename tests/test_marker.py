@@ -127,7 +127,7 @@ def test_marker_is_registered_for_strict_markers(pytester: pytest.Pytester) -> N
     )
     pytester.runpytest("--strict-markers").assert_outcomes(passed=1)
     result = pytester.runpytest("--markers")
-    result.stdout.fnmatch_lines(["@pytest.mark.backend(*names, workers=1):*"])
+    result.stdout.fnmatch_lines(["@pytest.mark.backend(*names, workers=1, explore=0):*"])
 
 
 def test_select_backend_by_keyword_and_by_marker(pytester: pytest.Pytester) -> None:

@@ -1,0 +1,350 @@
+"""Running a body under many schedules, and replaying one.
+
+For an item that is explored (``explore=N``, ``--concur-explore=N``, the ``concur_explore``
+ini key) or replayed (``--concur-replay``), :func:`prepare` gives the item an exploring
+event loop (``_asyncio``) before its fixtures make one, and :func:`run` calls the backend's
+runner once per schedule, each time with a fresh :class:`BodyCall` (fresh watches: every
+run is checked as a run of its own), until a run fails or the schedules are used up:
+
+- schedule ``i`` of an item is seeded with ``run_seed(base seed, nodeid, i)``, so a session
+  with the same ``--concur-seed`` tries the same schedules, and each item its own;
+- a run that made no scheduling decision (one task, or none ready at once) ends the
+  exploration: every other seed would make the same run;
+- a run whose body did not run on the exploring loop (a sync body under ``thread``, the
+  ``process`` backend) ends it too: nothing was controlled, and the terminal summary says
+  so rather than let N identical runs look like exploration;
+- a failure keeps the body's own exception and report; a section under it names the
+  schedule's replay token, the command that reruns it and the last steps, and the token
+  goes into the report's ``user_properties`` (hence JUnit XML) and pytest's cache
+  (``--concur-replay=last``), with the decisions, so that a replay can say where it
+  diverged.
+
+Fixtures are set up once for all the runs, as in stress mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+import shlex
+from collections.abc import Callable
+from typing import Any, Protocol, final
+
+import pytest
+
+from pytest_concur import _marker, _report
+from pytest_concur._backends.base import BodyCall
+from pytest_concur._explore._asyncio import Control, describe, exploring_loop
+from pytest_concur._explore._schedule import (
+    STRATEGIES,
+    Schedule,
+    Token,
+    parse_token,
+    run_seed,
+)
+from pytest_concur._loop import set_loop_factory
+
+SEED_OPTION = "--concur-seed"
+REPLAY_OPTION = "--concur-replay"
+SECTION = "pytest-concur: schedule"
+# pytest's cache: nodeid -> {"token": ..., "decisions": [[count, choice], ...] or None}.
+CACHE_KEY = "concur/explore/last"
+# A longer recording is not kept (the token's digest still tells a divergence).
+_MAX_RECORDED = 20_000
+_STEPS_SHOWN = 12
+WORKERINPUT_SEED = "concur_seed"
+
+
+class _Runner(Protocol):
+    def run(self, call: BodyCall) -> None: ...
+
+
+@final
+@dataclasses.dataclass
+class _Session:
+    """The session's exploration: its base seed, the cache's recordings, notes for the end."""
+
+    seed: int
+    seed_given: bool
+    replay: str | None
+    recorded: dict[str, Any]
+    notes: list[str] = dataclasses.field(default_factory=list)
+    explored: int = 0
+
+
+@final
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    runs: int
+    replay: tuple[Token, list[tuple[int, int]] | None] | None
+    control: Control
+
+
+_SESSION = pytest.StashKey[_Session]()
+_PLAN = pytest.StashKey[_Plan]()
+_SECTION_TEXT = pytest.StashKey[str]()
+
+
+def session(config: pytest.Config) -> _Session:
+    """The session's exploration state; usage errors for bad options, up front."""
+    state = config.stash.get(_SESSION, None)
+    if state is not None:
+        return state
+    _marker.default_explore(config)
+    option: str | None = config.getoption("concur_seed")
+    workerinput: dict[str, Any] = getattr(config, "workerinput", {})
+    if option is not None:
+        seed, given = _parse_seed(option), True
+    elif WORKERINPUT_SEED in workerinput:  # an xdist worker: the controller's seed
+        seed, given = int(workerinput[WORKERINPUT_SEED]), False
+    else:
+        seed, given = random.SystemRandom().randrange(10**8), False
+    replay: str | None = config.getoption("concur_replay")
+    recorded: dict[str, Any] = {}
+    if replay is not None:
+        replay = replay.strip()
+        cache = getattr(config, "cache", None)
+        if replay == "last" and cache is None:
+            raise pytest.UsageError(
+                f"pytest-concur: {REPLAY_OPTION}=last reads the last failing schedules from "
+                "pytest's cache, which is turned off (-p no:cacheprovider): pass the token "
+                f"the failure printed instead, e.g. {REPLAY_OPTION}=r1-0123456789-abcd."
+            )
+        if replay != "last" and parse_token(replay) is None:
+            raise pytest.UsageError(
+                f"pytest-concur: {REPLAY_OPTION} takes the replay token a failure printed "
+                f"(like r1-0123456789-abcd) or 'last', got {replay!r}."
+            )
+        if cache is not None:
+            recorded = dict(cache.get(CACHE_KEY, {}))
+    state = config.stash[_SESSION] = _Session(seed, given, replay, recorded)
+    return state
+
+
+def header(config: pytest.Config) -> str:
+    """The session header's line: the base seed, and how to get the same schedules again."""
+    state = session(config)
+    return (
+        f"pytest-concur: explore seed {state.seed} ({SEED_OPTION}={state.seed} tries the "
+        "same schedules again)"
+    )
+
+
+def prepare(item: pytest.Item) -> None:
+    """At the item's setup: explore or replay it, if asked; before its loop exists."""
+    state = session(item.config)
+    runs = _marker.explore(item)
+    replay = _replay_for(item, state)
+    if runs == 0 and replay is None:
+        return
+    control = Control()
+    item.stash[_PLAN] = _Plan(runs, replay, control)
+    set_loop_factory(item, lambda: exploring_loop(control))
+
+
+def exploring(item: pytest.Item) -> bool:
+    """Whether :func:`prepare` chose to explore or replay ``item``."""
+    return _PLAN in item.stash
+
+
+def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[], BodyCall]) -> None:
+    """Run the body under each schedule of the item's plan until one fails."""
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    plan = item.stash[_PLAN]
+    state = session(item.config)
+    if plan.replay is not None:
+        _replay(item, runner, first, plan, *plan.replay)
+        return
+    state.explored += 1
+    call = first
+    for index in range(plan.runs):
+        schedule = Schedule(run_seed(state.seed, item.nodeid, index))
+        try:
+            _run_once(runner, call, plan.control, schedule)
+        except BaseException as exc:
+            if not _is_outcome(exc):
+                _failed(item, schedule, f"schedule {index + 1} of {plan.runs}")
+            raise
+        if not plan.control.ran or not plan.control.explorable:
+            times = f"not {plan.runs} times" if plan.runs > 1 else "unexplored"
+            state.notes.append(
+                f"{item.nodeid}: ran once, {times}: its body does not run on an event loop "
+                "pytest-concur schedules (only async bodies under the asyncio and thread "
+                "backends do, so far)"
+            )
+            return
+        if not schedule.decisions:
+            return  # one task at a time: every schedule is this one
+        call = again()
+
+
+def _run_once(runner: _Runner, call: BodyCall, control: Control, schedule: Schedule) -> None:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    control.schedule = schedule
+    control.ran = False
+    try:
+        runner.run(call)
+    finally:
+        control.schedule = None
+
+
+def _replay(
+    item: pytest.Item,
+    runner: _Runner,
+    call: BodyCall,
+    plan: _Plan,
+    token: Token,
+    recorded: list[tuple[int, int]] | None,
+) -> None:
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    state = session(item.config)
+    schedule = Schedule(token.seed, token.strategy, recorded=recorded)
+    try:
+        _run_once(runner, call, plan.control, schedule)
+    except BaseException as exc:
+        if not _is_outcome(exc):
+            schedule.check_end(token)
+            _failed(item, schedule, "replay", token)
+        raise
+    schedule.check_end(token)
+    if not plan.control.ran:
+        state.notes.append(
+            f"{item.nodeid}: replay of {token} passed, but its body does not run on an event "
+            "loop pytest-concur schedules: nothing was replayed"
+        )
+    elif schedule.divergence is not None:
+        state.notes.append(
+            f"{item.nodeid}: replay of {token} passed, but it diverged from the recorded run "
+            f"{schedule.divergence}: the code changed, or it depends on something the "
+            "schedule does not control (time, randomness, I/O, threads); the pass says "
+            "nothing about the recorded interleaving. Explore again to check a fix: "
+            f"{_marker.EXPLORE_OPTION}=200."
+        )
+    else:
+        state.notes.append(
+            f"{item.nodeid}: replay of {token} made the same {len(schedule.decisions)} "
+            "scheduling decisions and passed: the recorded failure came from something the "
+            "schedule does not control (time, randomness, I/O, threads)"
+        )
+
+
+def _failed(
+    item: pytest.Item, schedule: Schedule, what: str, replayed: Token | None = None
+) -> None:
+    """Note the failing schedule: in the report, the JUnit XML properties and the cache."""
+    token = schedule.token()
+    count = len(schedule.decisions)
+    strategy = STRATEGIES[schedule.strategy]
+    if replayed is None:
+        lines = [f"{what} failed: {token} ({strategy}, {count} scheduling decisions)"]
+    elif schedule.divergence is None:
+        lines = [
+            f"replay of {replayed} failed again, after the same {count} scheduling decisions "
+            "as the recorded run"
+        ]
+    else:
+        lines = [
+            f"replay of {replayed} failed, but it diverged from the recorded run "
+            f"{schedule.divergence}: something the schedule does not control (time, "
+            "randomness, I/O, threads) or a change of the code made it run another way; "
+            f"this run's own schedule is {token} ({count} scheduling decisions)"
+        ]
+    nodeid = shlex.quote(item.nodeid)
+    lines += [
+        "Rerun exactly this interleaving with:",
+        f"  pytest {nodeid} {REPLAY_OPTION}={token}",
+    ]
+    if getattr(item.config, "cache", None) is not None:
+        lines.append(f"  (or {REPLAY_OPTION}=last: the last failing schedule of each test)")
+    steps = schedule.last_steps(_STEPS_SHOWN, describe)
+    if steps:
+        first = count - len(steps) + 1
+        lines.append("The last scheduling decisions:" if first > 1 else "The scheduling decisions:")
+        root = str(item.config.rootpath)
+        for number, step in enumerate(steps, start=first):
+            where = step.where
+            if where.startswith(root + os.sep):
+                where = where[len(root) + 1 :]
+            at = f" from {where}" if where else ""
+            lines.append(f"  {number:>4}. {step.who} ran{at} (of {step.ready} ready)")
+    item.stash[_SECTION_TEXT] = "\n".join(lines)
+    item.user_properties.append(("concur_replay", str(token)))
+    cache = getattr(item.config, "cache", None)
+    # A replay that diverged made decisions of its own: its token replays them exactly.
+    if cache is not None:
+        last = dict(cache.get(CACHE_KEY, {}))
+        decisions = schedule.decisions if count <= _MAX_RECORDED else None
+        last[item.nodeid] = {"token": str(token), "decisions": decisions}
+        cache.set(CACHE_KEY, last)
+
+
+def add_section(item: pytest.Item, report: pytest.TestReport) -> None:
+    """Put the failing schedule's section under the failure in ``report``."""
+    text = item.stash.get(_SECTION_TEXT, None)
+    if text is None:
+        return
+    del item.stash[_SECTION_TEXT]
+    if report.failed:
+        _report.add_section(report, SECTION, text)
+
+
+def summary(config: pytest.Config) -> list[str]:
+    """Lines for the end of the session: what was explored and replayed, and what was not."""
+    state = config.stash.get(_SESSION, None)
+    if state is None:
+        return []
+    lines = []
+    if state.explored and not state.seed_given:
+        lines.append(
+            f"pytest-concur: explored {state.explored} test(s) from seed {state.seed} "
+            f"({SEED_OPTION}={state.seed} tries the same schedules again)"
+        )
+    lines += [f"pytest-concur: {note}" for note in state.notes]
+    return lines
+
+
+def _replay_for(
+    item: pytest.Item, state: _Session
+) -> tuple[Token, list[tuple[int, int]] | None] | None:
+    """The token to replay for ``item`` and its recorded decisions if the cache has them."""
+    if state.replay is None:
+        return None
+    entry = state.recorded.get(item.nodeid)
+    if state.replay == "last":
+        if not isinstance(entry, dict) or parse_token(str(entry.get("token"))) is None:
+            state.notes.append(
+                f"{item.nodeid}: no failing schedule recorded in the cache; run as usual"
+            )
+            return None
+        text = str(entry["token"])
+    else:
+        text = state.replay
+    token = parse_token(text)
+    assert token is not None  # checked by session()
+    decisions = entry.get("decisions") if isinstance(entry, dict) else None
+    recorded = None
+    if isinstance(entry, dict) and entry.get("token") == str(token) and decisions is not None:
+        recorded = [(int(count), int(choice)) for count, choice in decisions]
+    return token, recorded
+
+
+def _parse_seed(value: str) -> int:
+    try:
+        seed = int(value.strip(), 0)
+    except ValueError:
+        seed = -1
+    if seed < 0:
+        raise pytest.UsageError(
+            f"pytest-concur: {SEED_OPTION} takes a whole number, 0 or more, got {value!r}: "
+            f"e.g. {SEED_OPTION}=12345 (the header of a run shows the seed it used)."
+        )
+    return seed
+
+
+def _is_outcome(error: BaseException) -> bool:
+    """Skips, xfails, exits and ^C: outcomes, not failures a schedule caused."""
+    return isinstance(
+        error,
+        (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception, KeyboardInterrupt),
+    )
