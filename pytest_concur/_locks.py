@@ -55,11 +55,11 @@ from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any, final
 
-from pytest_concur import _hooks
+from pytest_concur import _hooks, _primitives
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_real_allocate_lock = _thread.allocate_lock
-_real_rlock: Callable[[], Any] = _thread.RLock
+_real_allocate_lock = _primitives.allocate_lock
+_real_rlock: Callable[[], Any] = _primitives.RLock
 _get_ident = _thread.get_ident
 
 # Frames in these files are the machinery between a user's call and a lock.

@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _hooks
+from pytest_concur import _hooks, _primitives
 from pytest_concur._checks import _allow
 from pytest_concur._checks._where import _is_library, callable_name, plural, short_path
 
@@ -67,7 +67,7 @@ MARKER = "concur_blocked_loop"
 DEFAULT = 0.1
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
 # tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+_real_lock = _primitives.allocate_lock
 _clock = time.perf_counter
 _get_ident = _thread.get_ident
 # The sampler looks for running steps every threshold / 2, within these bounds (seconds),

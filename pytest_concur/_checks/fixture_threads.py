@@ -30,14 +30,14 @@ from typing import Any
 
 import pytest
 
-from pytest_concur import _hooks
+from pytest_concur import _hooks, _primitives
 from pytest_concur._checks import _allow
 from pytest_concur._checks._where import Site, format_exception
 from pytest_concur._state import backend_of
 
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
 # tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+_real_lock = _primitives.allocate_lock
 _lock = _real_lock()
 # What the watched call phase recorded: (thread name, where it was started, traceback),
 # or None while no call phase is watched. Read by the hook without the lock first.

@@ -50,7 +50,7 @@ import pluggy
 import pytest
 
 import pytest_concur
-from pytest_concur import _hooks
+from pytest_concur import _hooks, _primitives
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording, later_for
 from pytest_concur._checks._where import (
     Site,
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
 NAME = "threads"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
 # tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+_real_lock = _primitives.allocate_lock
 
 
 @final
