@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pytest
+
+if TYPE_CHECKING:
+    from collections.abc import Callable  # noqa: F401 (in LATER's quoted type)
 
 # The item whose protocol is running, for hooks that only get a request or a fixturedef.
 CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
 # Items that run under a backend, stashed with their backend's name at setup.
 BACKEND_NAME = pytest.StashKey[str]()
+# Verdicts on what a body left running, put off until the item's teardown is over (see
+# ``_checks._leak.later_for``): run, in order, once every fixture torn down with the item
+# is finalized.
+LATER = pytest.StashKey["list[Callable[[], str | None]]"]()
+# Modules whose fixtures the leak checks never judge: pytest's own and ours.
+UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
 # The parameter of pytest-concur's autouse fixture that carries the backend's name.
 FIXTURE = "concur_backend"
 

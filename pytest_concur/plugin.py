@@ -241,6 +241,10 @@ def _track_locks(config: pytest.Config) -> None:
     if config.stash.get(_TRACKING_LOCKS, False):
         return
     config.stash[_TRACKING_LOCKS] = True
+    # Before the command line is parsed whole, only the known arguments are.
+    args = getattr(config, "known_args_namespace", None) or config.option
+    if getattr(args, "help", False) or getattr(args, "version", False):
+        return  # nothing runs: --help and --version need no tracked locks
     if not config.getini("concur_session_locks"):
         return  # each body's tracking replaces the factories for its span only
     from pytest_concur import _locks

@@ -101,7 +101,7 @@ def test_worker_a_fixtures_object_starts_lazily_is_the_fixtures(
         """,
     )
     result.assert_outcomes(passed=2)
-    result.stdout.no_fnmatch_line("*pytest-concur*")
+    result.stdout.no_fnmatch_line("*pytest-concur: *")
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)
@@ -303,7 +303,7 @@ def test_what_a_cleanup_fixture_torn_down_later_stops_is_no_leak(
         """,
     )
     result.assert_outcomes(passed=3)
-    result.stdout.no_fnmatch_line("*pytest-concur*")
+    result.stdout.no_fnmatch_line("*pytest-concur: *")
 
 
 @pytest.mark.parametrize("mode", MODES, indirect=True)
@@ -429,7 +429,7 @@ def test_worker_thread_caches_of_trio_and_anyio_are_process_wide(
         """,
     )
     result.assert_outcomes(passed=2)
-    result.stdout.no_fnmatch_line("*pytest-concur*")
+    result.stdout.no_fnmatch_line("*pytest-concur: *")
 
 
 @pytest.mark.parametrize(

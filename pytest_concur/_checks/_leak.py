@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Protocol, final
 import pytest
 
 from pytest_concur._checks import _allow
+from pytest_concur._state import LATER, UNWATCHED_MODULES
 
 
 @final
@@ -34,13 +35,6 @@ class Owner:
 
 
 TEST = Owner()
-
-# Fixtures of pytest and of pytest-concur start nothing that outlives them, and stop nothing
-# a test started.
-UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
-# Verdicts on what a body left running, put off until the item's teardown is over (see
-# ``later_for``): run, in order, once every fixture torn down with the item is finalized.
-LATER = pytest.StashKey[list[Callable[[], "str | None"]]]()
 
 
 def later_for(item: pytest.Item) -> list[Callable[[], str | None]] | None:

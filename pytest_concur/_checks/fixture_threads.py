@@ -26,14 +26,16 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable, Generator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur import _hooks, _primitives
-from pytest_concur._checks import _allow
-from pytest_concur._checks._where import Site, format_exception
+from pytest_concur import _primitives
 from pytest_concur._state import backend_of
+
+if TYPE_CHECKING:
+    from pytest_concur._checks._allow import Allow
+    from pytest_concur._checks._where import Site
 
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
 # tracked one during the body, and our own bookkeeping must not be tracked.
@@ -49,10 +51,15 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     __tracebackhide__ = True  # the plugin's frames are not the user's
     if not _watched(item):
         return (yield)
+    # Imported here: --help registers this module and must not pay for the checks.
+    from pytest_concur._checks import _allow
+
     allow = _allow.for_item(item)
     if "threads" in allow.checks_off:
         return (yield)
     global _RECORDED
+    from pytest_concur import _hooks  # not imported by a run of --help
+
     _hooks.replace(threading, "excepthook", _hook)
     with _lock:
         _RECORDED = []
@@ -93,6 +100,8 @@ def _hook(original: Callable[[Any], None]) -> Callable[[Any], None]:
 
             site = started_for_a_fixture(thread)
             if site is not None and not _is_deadlock_error(args.exc_value):
+                from pytest_concur._checks._where import format_exception
+
                 text = format_exception(args.exc_value)
                 with _lock:
                     if _RECORDED is not None:
@@ -108,7 +117,7 @@ def _is_deadlock_error(exc: BaseException) -> bool:
     return locks is not None and isinstance(exc, locks.DeadlockError)
 
 
-def _report(recorded: list[tuple[str, Site, str]], allow: _allow.Allow) -> str | None:
+def _report(recorded: list[tuple[str, Site, str]], allow: Allow) -> str | None:
     problems = [
         f"pytest-concur: an exception was raised in thread {name!r}, which a fixture started "
         f"at {site}, while the test ran\n{text.rstrip()}"

@@ -72,8 +72,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur._checks._leak import LATER, UNWATCHED_MODULES
-from pytest_concur._state import CURRENT_ITEM, backend_of
+from pytest_concur._state import CURRENT_ITEM, LATER, UNWATCHED_MODULES, backend_of
 
 if TYPE_CHECKING:
     from pytest_concur._checks._leak import LeakWatch, Owner, Recording
