@@ -506,7 +506,7 @@ def test_report_names_the_line_that_blocked(pytester: pytest.Pytester, backend_n
     result.stdout.fnmatch_lines(
         [
             "  task '*' running test_query() held the event loop for * s in one step, from "
-            "test_pool.py:7 to pool.py:9 in Connection.query() (called at test_pool.py:8)",
+            "test_pool.py:7 to pool.py:9 in *query() (called at test_pool.py:8)",
             "    blocked at pool.py:4 in _connect: time.sleep(0.5)",
         ]
     )
@@ -595,5 +595,5 @@ def test_the_sampler_is_not_in_a_hang_report(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess(timeout=60)
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["Threads (most recent call last):", "  Thread 'MainThread'*"])
+    result.stdout.fnmatch_lines(["*Threads (most recent call last):", "*  Thread 'MainThread'*"])
     result.stdout.no_fnmatch_line("*not a threading.Thread*")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -266,3 +267,19 @@ KNOWN_CYCLES = [
 
 def test_the_package_has_no_import_cycle() -> None:
     assert _cycles(_import_graph()) == KNOWN_CYCLES
+
+
+def test_every_subpackage_is_in_the_wheel() -> None:
+    # setuptools packages only what pyproject.toml lists: a subpackage missing there is
+    # missing from the wheel tox installs, while an editable install hides it.
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text()
+    listed = set(
+        re.findall(
+            r'"(pytest_concur(?:\.\w+)*)"', pyproject.split("packages = [", 1)[1].split("]", 1)[0]
+        )
+    )
+    found = {
+        ".".join(path.parent.relative_to(PACKAGE.parent).parts)
+        for path in PACKAGE.rglob("__init__.py")
+    }
+    assert found <= listed, f"add to [tool.setuptools] packages: {sorted(found - listed)}"
