@@ -757,7 +757,5 @@ def test_loop_callback_errors_fail_plain_tests_under_check_all(pytester: pytest.
     result.assert_outcomes(failed=2)
     result.stdout.fnmatch_lines(["*Future made at *.py:8 in test_future raised:*"])
     result.stdout.fnmatch_lines(
-        [
-            "  callback fail (defined at *.py:3), scheduled at *.py:12 in test_callback.<locals>.main*"
-        ]
+        ["  callback fail (defined at *.py:3), scheduled at *.py:12 in *main*"]
     )

@@ -162,8 +162,7 @@ def test_lazy_worker_a_fixture_never_stops_is_its_teardown_error(
         [
             "*ERROR at teardown of test_first_use*",
             "pytest-concur: fixture 'forgetful' (test_*.py:4) left 1 thread running",
-            "  Thread 'lazy' (target=Event.wait, daemon) started at conftest.py:14 in "
-            "*call",
+            "  Thread 'lazy' (target=Event.wait, daemon) started at conftest.py:14 in *call",
             "  Python cannot stop a thread from outside, so it is left running. Make the "
             "fixture stop and join it in its teardown, *",
         ]
@@ -192,8 +191,7 @@ def test_worker_a_body_builds_and_abandons_still_fails_it(
         [
             "*ERROR at teardown of test_own_worker*",
             "pytest-concur: the test left 1 thread running, still after its fixtures' teardown",
-            "  Thread 'lazy' (target=Event.wait, daemon) started at conftest.py:14 in "
-            "*call",
+            "  Thread 'lazy' (target=Event.wait, daemon) started at conftest.py:14 in *call",
             "  Python cannot stop a thread from outside, so it is left running. Make the test "
             "stop and join it, or start it from a fixture's objects and stop it in that "
             "fixture's teardown *",
