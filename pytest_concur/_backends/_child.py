@@ -397,6 +397,10 @@ def _bootstrap(boot: Bootstrap) -> None:
             target = os.open(path, os.O_WRONLY | os.O_APPEND)
             os.dup2(target, fd)
             os.close(target)
+    # Line by line, so that a child that crashes loses no line it printed before.
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     sys.meta_path.insert(0, _ParentModules(boot.modules))
 
 
