@@ -105,8 +105,12 @@ def test_testcase_methods_have_the_outcomes_of_the_plain_run(
 ) -> None:
     pytester.makepyfile(test_suite=SUITE)
     plain = outcomes_of(pytester.inline_run("-p", "no:cacheprovider"))
+    # Fork: what setUpClass put on the class travels only in a forked child's memory (under
+    # spawn and forkserver the child imports the class afresh; see docs/backends.md).
     claimed = outcomes_of(
-        pytester.inline_run("-p", "no:cacheprovider", f"--concur-backends={backend}")
+        pytester.inline_run(
+            "-p", "no:cacheprovider", f"--concur-backends={backend}", "--concur-start-method=fork"
+        )
     )
     assert len(plain) == 14
     assert {"passed", "failed", "skipped", "xfailed"} <= set(plain.values())
