@@ -60,13 +60,12 @@ def pytest_make_collect_report(
     collector: pytest.Collector,
 ) -> Generator[None, pytest.CollectReport, pytest.CollectReport]:
     report = yield
+    # Only a class that collected: a module's .obj would import it again (and raise its
+    # skip or error a second time, out of the collection's handling, on pytest 8.0).
+    if not (report.passed and isinstance(collector, pytest.Class)):
+        return report
     cls = getattr(collector, "obj", None)
-    if (
-        report.passed
-        and isinstance(collector, pytest.Class)
-        and isinstance(cls, type)
-        and issubclass(cls, unittest.TestCase)
-    ):
+    if isinstance(cls, type) and issubclass(cls, unittest.TestCase):
         report.result = [
             new for node in report.result for new in _per_backend(collector.config, node)
         ]
