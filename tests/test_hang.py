@@ -807,7 +807,7 @@ def test_process_backend_children_are_reported_under_forkserver(pytester: pytest
         import pytest
 
         @pytest.mark.backend("process", workers=2)
-        @pytest.mark.timeout(0.8)
+        @pytest.mark.timeout(5)  # both children must be up: a forkserver start takes ~1 s
         def test_sleeps():
             time.sleep(30)
         """
