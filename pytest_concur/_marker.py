@@ -43,8 +43,6 @@ _OTHER_RUNNERS = {
 _DEFAULT = pytest.StashKey["Selection | None"]()
 # Tests --concur-backends left to the plugin that runs them, by that plugin (for the report).
 _LEFT_TO_OTHERS = pytest.StashKey[dict[str, int]]()
-_DEFAULT_WORKERS = pytest.StashKey[int]()
-_DEFAULT_EXPLORE = pytest.StashKey[int]()
 
 
 @final
@@ -100,101 +98,115 @@ def parse_marker(mark: pytest.Mark) -> tuple[str, ...]:
     return _dedupe(names)
 
 
-def marker_workers(mark: pytest.Mark) -> int | None:
-    """The ``workers=`` of a ``backend(...)`` marker, or ``None``; ``pytest.fail`` if invalid."""
-    if "workers" not in mark.kwargs:
-        return None
-    value = mark.kwargs["workers"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        _fail(
-            f"@pytest.mark.backend(workers=...) takes a whole number of copies, 1 or more, "
-            f'got {value!r}: write e.g. @pytest.mark.backend("thread", workers=8).'
-        )
-    return value
+@dataclasses.dataclass(frozen=True)
+class _Count:
+    """A whole-number setting of the marker (``workers=``, ``explore=``) with its option and
+    ini key: one reading of marker, then option, then ini key, then default, for each."""
+
+    keyword: str
+    option: str
+    dest: str
+    ini: str
+    least: int
+    default: int
+    what: str  # "copies, 1 or more"
+    marker_example: str  # '"thread", workers=8'
+    example: str  # the value in examples: "8"
+    key: pytest.StashKey[int]
+
+    def from_marker(self, mark: pytest.Mark) -> int | None:
+        """The marker's value, or ``None``; ``pytest.fail`` if invalid."""
+        if self.keyword not in mark.kwargs:
+            return None
+        value = mark.kwargs[self.keyword]
+        if isinstance(value, bool) or not isinstance(value, int) or value < self.least:
+            _fail(
+                f"@pytest.mark.backend({self.keyword}=...) takes a whole number of "
+                f"{self.what}, got {value!r}: write e.g. "
+                f"@pytest.mark.backend({self.marker_example})."
+            )
+        return value
+
+    def parse(self, value: object, origin: str) -> int:
+        """A value from the option or the ini key; a usage error if it is not one."""
+        try:
+            count = int(str(value).strip())
+        except ValueError:
+            count = self.least - 1
+        if count < self.least:
+            example = (
+                f"{self.option}={self.example}"
+                if origin == self.option
+                else f"{self.ini} = {self.example}"
+            )
+            raise pytest.UsageError(
+                f"pytest-concur: {origin} takes a whole number of {self.what}, got "
+                f"{value!r}: e.g. {example}."
+            )
+        return count
+
+    def session_default(self, config: pytest.Config) -> int:
+        """What the option or the ini key ask for, else the default (read once)."""
+        if self.key not in config.stash:
+            option: object = config.getoption(self.dest)
+            if option is not None:
+                count = self.parse(option, self.option)
+            else:
+                ini = str(config.getini(self.ini) or "").strip()
+                count = self.parse(ini, f"{self.ini} (ini)") if ini else self.default
+            config.stash[self.key] = count
+        return config.stash[self.key]
+
+    def of(self, item: pytest.Item) -> int:
+        """The item's value: its marker's, else the session's default."""
+        mark = item.get_closest_marker(MARKER)
+        count = self.from_marker(mark) if mark is not None else None
+        return count if count is not None else self.session_default(item.config)
 
 
-def parse_workers(value: object, origin: str) -> int:
-    """A worker count from the option or the ini key; a usage error if it is not one."""
-    try:
-        count = int(str(value).strip())
-    except ValueError:
-        count = 0
-    if count < 1:
-        example = f"{WORKERS_OPTION}=8" if origin == WORKERS_OPTION else f"{WORKERS_INI} = 8"
-        raise pytest.UsageError(
-            f"pytest-concur: {origin} takes a whole number of copies, 1 or more, got "
-            f"{value!r}: e.g. {example}."
-        )
-    return count
+_WORKERS = _Count(
+    keyword="workers",
+    option=WORKERS_OPTION,
+    dest="concur_workers",
+    ini=WORKERS_INI,
+    least=1,
+    default=1,
+    what="copies, 1 or more",
+    marker_example='"thread", workers=8',
+    example="8",
+    key=pytest.StashKey[int](),
+)
+_EXPLORE = _Count(
+    keyword="explore",
+    option=EXPLORE_OPTION,
+    dest="concur_explore",
+    ini=EXPLORE_INI,
+    least=0,
+    default=0,
+    what="schedules, 0 (off) or more",
+    marker_example='"asyncio", explore=100',
+    example="100",
+    key=pytest.StashKey[int](),
+)
 
-
-def default_workers(config: pytest.Config) -> int:
-    """How many copies ``--concur-workers`` or the ``concur_workers`` ini key ask for (1)."""
-    if _DEFAULT_WORKERS not in config.stash:
-        option: object = config.getoption("concur_workers")
-        if option is not None:
-            count = parse_workers(option, WORKERS_OPTION)
-        else:
-            ini = str(config.getini(WORKERS_INI) or "").strip()
-            count = parse_workers(ini, f"{WORKERS_INI} (ini)") if ini else 1
-        config.stash[_DEFAULT_WORKERS] = count
-    return config.stash[_DEFAULT_WORKERS]
+marker_workers = _WORKERS.from_marker
+parse_workers = _WORKERS.parse
+default_workers = _WORKERS.session_default
+marker_explore = _EXPLORE.from_marker
+parse_explore = _EXPLORE.parse
+default_explore = _EXPLORE.session_default
 
 
 def workers(item: pytest.Item) -> int:
     """How many copies of ``item``'s body run at once: the marker's ``workers=``, else the
     option, else the ini key, else 1. (Serial tests are the caller's business.)"""
-    mark = item.get_closest_marker(MARKER)
-    count = marker_workers(mark) if mark is not None else None
-    return count if count is not None else default_workers(item.config)
-
-
-def marker_explore(mark: pytest.Mark) -> int | None:
-    """The ``explore=`` of a ``backend(...)`` marker, or ``None``; ``pytest.fail`` if invalid."""
-    if "explore" not in mark.kwargs:
-        return None
-    value = mark.kwargs["explore"]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        _fail(
-            f"@pytest.mark.backend(explore=...) takes a whole number of schedules, 0 (off) or "
-            f'more, got {value!r}: write e.g. @pytest.mark.backend("asyncio", explore=100).'
-        )
-    return value
-
-
-def parse_explore(value: object, origin: str) -> int:
-    """A schedule count from the option or the ini key; a usage error if it is not one."""
-    try:
-        count = int(str(value).strip())
-    except ValueError:
-        count = -1
-    if count < 0:
-        raise pytest.UsageError(
-            f"pytest-concur: {origin} takes a whole number of schedules, 0 (off) or more, "
-            f"got {value!r}: e.g. {EXPLORE_OPTION}=100."
-        )
-    return count
-
-
-def default_explore(config: pytest.Config) -> int:
-    """How many schedules ``--concur-explore`` or the ``concur_explore`` ini key ask for (0)."""
-    if _DEFAULT_EXPLORE not in config.stash:
-        option: object = config.getoption("concur_explore")
-        if option is not None:
-            count = parse_explore(option, EXPLORE_OPTION)
-        else:
-            ini = str(config.getini(EXPLORE_INI) or "").strip()
-            count = parse_explore(ini, f"{EXPLORE_INI} (ini)") if ini else 0
-        config.stash[_DEFAULT_EXPLORE] = count
-    return config.stash[_DEFAULT_EXPLORE]
+    return _WORKERS.of(item)
 
 
 def explore(item: pytest.Item) -> int:
     """How many schedules ``item``'s body is explored under: the marker's ``explore=``, else
     the option, else the ini key, else 0 (the body runs once, as asyncio schedules it)."""
-    mark = item.get_closest_marker(MARKER)
-    count = marker_explore(mark) if mark is not None else None
-    return count if count is not None else default_explore(item.config)
+    return _EXPLORE.of(item)
 
 
 def parse_list(value: str) -> tuple[str, ...]:
