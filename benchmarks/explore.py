@@ -25,12 +25,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 from pathlib import Path
+
+from _common import pytest_run
 
 from pytest_concur._explore._asyncio import Control, exploring_loop
 from pytest_concur._explore._schedule import Schedule
@@ -178,23 +178,7 @@ def _failures(folder: Path, source: str, *args: str) -> tuple[int, int, float]:
     path = folder / "test_body.py"
     path.write_text(source)
     start = time.perf_counter()
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-p",
-            "no:asyncio",
-            str(path),
-            *args,
-        ],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-    )
+    proc = pytest_run(folder, "-p", "no:asyncio", str(path), *args)
     elapsed = time.perf_counter() - start
     last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     failed = re.search(r"(\d+) failed", last)
@@ -215,23 +199,7 @@ def _call_seconds(folder: Path, source: str) -> float:
     path.write_text(source)
     best = float("inf")
     for _ in range(3):
-        proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-p",
-                "no:cacheprovider",
-                "-p",
-                "no:asyncio",
-                str(path),
-                *_DURATION,
-            ],
-            cwd=folder,
-            capture_output=True,
-            text=True,
-        )
+        proc = pytest_run(folder, "-p", "no:asyncio", str(path), *_DURATION)
         match = re.search(r"([\d.]+)s call ", proc.stdout)
         if match is None:
             raise SystemExit(f"no duration in:\n{proc.stdout}\n{proc.stderr}")
