@@ -25,7 +25,8 @@ the test (setup, call, teardown) and must not cut pytest-concur's own cleanup in
 (checks putting back what they patched, children being stopped). A deadline that comes
 between steps, or while the main thread is in such cleanup, is put off by a few
 milliseconds at a time until it is in a step and out of the cleanup, or until the step
-ends (it is then raised there); after :data:`_DEFER_LIMIT` seconds it strikes anyway.
+ends (it is then raised there); after :data:`_DEFER_LIMIT` seconds it strikes anyway. In
+the teardown it strikes only inside a finalizer, never in pytest's bookkeeping around them.
 
 Invariant: at most one deadline is armed at a time (pytest runs one item at a time per
 process); its state is read by the signal handler, which runs in the main thread.
@@ -193,7 +194,27 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
 def _may_strike(armed: _Deadline, frame: FrameType | None) -> bool:
     """Whether the main thread, stopped at ``frame``, is where a deadline may strike."""
     step = _STEP
-    return step is not None and step[0] is armed.item and not _in_cleanup(frame)
+    if step is None or step[0] is not armed.item or _in_cleanup(frame):
+        return False
+    # In the teardown, only inside a finalizer: raised in pytest's own bookkeeping around
+    # them, the failure would leave its stack of set-up nodes half unwound, and every
+    # later test would error with "previous item was not torn down properly". Elsewhere
+    # in the teardown the deadline is put off to the step's end (_strike_if_due).
+    return step[1] != "teardown" or _in_finalizer(frame)
+
+
+def _in_finalizer(frame: FrameType | None) -> bool:
+    """Whether ``frame`` runs inside a finalizer that pytest's teardown called."""
+    while frame is not None:
+        caller = frame.f_back
+        if (
+            caller is not None
+            and caller.f_code.co_name == "teardown_exact"
+            and frame.f_code.co_name != "listchain"
+        ):
+            return True
+        frame = caller
+    return False
 
 
 def _in_cleanup(frame: FrameType | None) -> bool:

@@ -531,6 +531,46 @@ def test_deadline_between_steps_is_not_an_internal_error(pytester: pytest.Pytest
     assert "INTERNALERROR" not in result.stdout.str() + result.stderr.str()
 
 
+def test_deadline_in_teardown_outside_a_finalizer_waits_for_the_step_end(
+    pytester: pytest.Pytester,
+) -> None:
+    # Struck in a hook wrapper around the teardown (pytest's own bookkeeping, say), the
+    # failure would skip the finalizers and break every later test's setup.
+    pytester.makeconftest(
+        """
+        import time
+        import pytest
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_teardown(item):
+            if "slow" in item.name:
+                time.sleep(0.8)
+            return (yield)
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.fixture(scope="module")
+        def shared():
+            yield
+
+        @pytest.mark.backend("thread")
+        @pytest.mark.timeout(0.3)
+        def test_slow(shared):
+            pass
+
+        def test_next(shared):
+            pass
+        """
+    )
+    result = run(pytester)
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_slow*", "*Timeout (>0.3s*"])
+    assert "not torn down properly" not in result.stdout.str()
+
+
 def test_teardown_gets_a_deadline_after_the_test_hung(pytester: pytest.Pytester) -> None:
     # What hung the body often stalls its fixtures' cleanup too: without a deadline of its
     # own, the teardown would hang the session after the test's failure was reported.
