@@ -56,6 +56,7 @@ from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _hooks, _primitives
+from pytest_concur._state import items_begun
 
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _real_allocate_lock = _primitives.allocate_lock
@@ -71,9 +72,9 @@ _STDLIB_SYNC = (
     os.path.join("concurrent", "futures", "thread.py"),
     os.path.join("asyncio", ""),
     os.path.join("multiprocessing", ""),
-    __file__,
-    os.path.join(os.path.dirname(__file__), "_workers.py"),  # the concur fixture's joins
-    os.path.join(os.path.dirname(__file__), "_hooks.py"),  # Thread.start, Popen.__init__...
+    # All of pytest-concur: the concur fixture's joins, the wrappers of Thread.start,
+    # Popen.__init__ and of a child's target (the checks').
+    os.path.join(os.path.dirname(os.path.abspath(__file__)), ""),
 )
 # The public blocking calls we name in diagnoses, by the stdlib function that blocks.
 _BLOCKING_CALLS = {
@@ -705,26 +706,25 @@ class Tracker:
         return "\n\n".join(dict.fromkeys(self.inversions)) or None
 
 
-# Threads an earlier test left running, reported as leaks (see the threads check).
-# Each with the number of bodies tracked when it was noted: it is an *earlier* test's
-# only once another body began.
+# Threads an earlier test left running, reported with it (a leak, or a body given up on
+# at its deadline; see the threads check and _hang.release). Each with the number of test
+# protocols begun when it was noted: it is an *earlier* test's once another test began.
 _LEFT_BEHIND: weakref.WeakKeyDictionary[threading.Thread, int] = weakref.WeakKeyDictionary()
 _left_behind_lock = _real_allocate_lock()
-_bodies_begun = 0
 
 
 def note_left_behind(threads: Iterable[threading.Thread]) -> None:
     """These threads were reported as left running by a test: no later test's business."""
     with _left_behind_lock:
         for thread in threads:
-            _LEFT_BEHIND[thread] = _bodies_begun
+            _LEFT_BEHIND.setdefault(thread, items_begun())
 
 
 def left_behind(thread: threading.Thread) -> bool:
     """Whether an earlier test left this thread running, and was failed for it."""
     with _left_behind_lock:
         noted = _LEFT_BEHIND.get(thread)
-        return noted is not None and noted < _bodies_begun
+    return noted is not None and noted < items_begun()
 
 
 def can_wake(thread: threading.Thread, frames: dict[int, FrameType]) -> bool:
@@ -1107,9 +1107,7 @@ class tracking:
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
-        global TRACKER, _ACTIVE, _bodies_begun
-        with _left_behind_lock:
-            _bodies_begun += 1
+        global TRACKER, _ACTIVE
         with _install_lock:
             if _ACTIVE is not None:
                 # A body that was abandoned (a timeout ended the wait for it) never ended its

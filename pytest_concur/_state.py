@@ -22,6 +22,20 @@ UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
 # The parameter of pytest-concur's autouse fixture that carries the backend's name.
 FIXTURE = "concur_backend"
 
+# How many test protocols this process has begun (pytester's inner runs included): what
+# tells "an earlier test" from this one, for threads that outlive the test that made them.
+# Only the main thread counts up; a reader in another thread sees one value or the next.
+_items_begun = 0
+
+
+def item_began() -> None:
+    global _items_begun
+    _items_begun += 1
+
+
+def items_begun() -> int:
+    return _items_begun
+
 
 def backend_of(item: pytest.Item) -> str | None:
     """The backend ``item`` runs under, or ``None`` when it runs plainly (from its setup on)."""

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from pytest_concur import _claim, _marker, _registry
-from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE
+from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE, item_began
 from pytest_concur._state import parametrized_backend as _backend_name
 
 if TYPE_CHECKING:
@@ -459,6 +459,7 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
 def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
     config = item.config
     config.stash[CURRENT_ITEM] = item
+    item_began()
     try:
         return (yield)
     finally:

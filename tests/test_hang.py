@@ -960,3 +960,72 @@ def test_the_cleanup_a_deadline_waits_for_is_all_found() -> None:
         importlib.import_module(module_name)
     expected = sum(len(names) for names in _timeout._CLEANUP.values())
     assert len(_timeout._cleanup_codes()) == expected
+
+
+EARLIER_THREADS = """
+import threading, time
+import pytest
+
+SEEN = []
+
+@pytest.mark.backend("thread")
+def test_leaves():
+    SEEN.append("leaves")
+    lock = threading.Lock()
+    lock.acquire()
+    threading.Thread(target=lock.acquire, name="stuck-earlier", daemon=True).start()
+
+@pytest.mark.backend("thread")
+@pytest.mark.timeout(0.3)
+def test_gives_up():
+    time.sleep(1.5)  # let go at the deadline, it ends only when the sleep returns
+
+@pytest.mark.backend("process")
+@pytest.mark.timeout(0.3)
+def test_hangs_in_child():
+    time.sleep(30)
+
+@pytest.mark.backend("process")
+def test_forks_regardless():
+    # Under fork the child has the parent's memory (SEEN was filled by an earlier test);
+    # under forkserver it imports the module afresh.
+    assert SEEN == ["leaves"]
+
+@pytest.mark.backend("thread")
+def test_outlives_the_earlier_body():
+    deadline = time.monotonic() + 20
+    while any(t.name == "concur-test_gives_up[thread]" for t in threading.enumerate()):
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+"""
+
+
+def test_threads_of_earlier_tests_are_labelled_and_change_no_later_outcome(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(EARLIER_THREADS)
+    result = run(pytester, "-W", "error::pytest.PytestUnhandledThreadExceptionWarning")
+    result.assert_outcomes(failed=3, passed=2)
+    out = result.stdout.str()
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_gives_up[[]thread[]] _*",
+            "*Thread 'stuck-earlier' (left running by an earlier test, daemon):",
+            "*_ test_hangs_in_child[[]process[]] _*",
+            "*Thread 'concur-test_gives_up[[]thread[]]' (left running by an earlier test):",
+            "*Thread 'stuck-earlier' (left running by an earlier test, daemon):",
+        ]
+    )
+    # Not a word of the earlier threads in the later tests' verdicts: no HangError of theirs
+    # blamed on whichever test ran when it landed, no switch to forkserver.
+    assert "HangError" not in out
+    assert "forkserver" not in out
+    assert "PytestUnhandledThreadExceptionWarning" not in out
+
+
+def test_a_test_forks_alone_as_after_an_earlier_leak(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(EARLIER_THREADS)
+    run(pytester, "-k", "forks_regardless").assert_outcomes(failed=1)  # SEEN is empty alone
+    result = run(pytester, "-k", "leaves or forks_regardless")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(["FAILED *test_leaves[[]thread[]]*"])

@@ -697,3 +697,92 @@ def test_a_manager_left_running_is_named_with_the_fix(pytester: pytest.Pytester)
             "multiprocessing.Manager() as manager: ...)*",
         ]
     )
+
+
+LIBRARY = """
+import asyncio, multiprocessing, threading, time
+
+STOP = threading.Event()
+
+class Cache:
+    def __init__(self):
+        self._thread = threading.Thread(target=STOP.wait, name="sweeper")
+        self._thread.start()
+
+class Pool:
+    async def open(self):
+        self._task = asyncio.ensure_future(asyncio.sleep(100))
+
+class Farm:
+    def start(self):
+        self._child = multiprocessing.Process(target=time.sleep, args=(60,), name="farmer")
+        self._child.start()
+"""
+
+
+def test_leak_reports_name_the_test_line_that_built_or_called_the_library(
+    pytester: pytest.Pytester,
+) -> None:
+    # The start call is the library's; the line that tells one leak from another is the
+    # test's (or its fixture's) that built the object or called the method.
+    pytester.makeini(FAST)
+    pytester.makepyfile(library=LIBRARY)
+    pytester.makeconftest(
+        """
+        import pytest
+        import library
+
+        @pytest.fixture
+        def cache():
+            return library.Cache()
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+        import library
+
+        @pytest.mark.backend("thread")
+        def test_cache_in_body():
+            library.Cache()
+
+        @pytest.mark.backend("thread")
+        def test_cache_of_a_fixture(cache):
+            pass
+
+        @pytest.mark.backend("asyncio")
+        async def test_pool():
+            pool = library.Pool()
+            await pool.open()
+
+        @pytest.mark.backend("thread")
+        def test_farm():
+            library.Farm().start()
+
+        @pytest.mark.backend("thread")
+        def test_started_by_the_test_itself():
+            import threading
+            threading.Thread(target=library.STOP.wait, name="own").start()
+        """
+    )
+    result = run(pytester, "-p", "no:randomly")
+    result.assert_outcomes(passed=1, failed=4, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*Thread 'sweeper' (target=Event.wait) started at library.py:8 in Cache.__init__ "
+            "(object made at conftest.py:6 in cache)",
+            "*Thread 'sweeper' (target=Event.wait) started at library.py:8 in Cache.__init__ "
+            "(object made at test_leak_reports_*.py:6 in test_cache_in_body)",
+            "*Task * created at library.py:12 in Pool.open "
+            "(called from test_leak_reports_*.py:15 in test_pool)",
+            "*'farmer'*started at library.py:17 in Farm.start "
+            "(called from test_leak_reports_*.py:19 in test_farm)",
+        ]
+    )
+    # Started by the test's own line: nothing to add.
+    result.stdout.fnmatch_lines(
+        ["*Thread 'own' (target=Event.wait) started at test_leak*.py:24 in*"]
+    )
+    assert "(called from" not in "".join(
+        line for line in result.stdout.lines if "Thread 'own'" in line
+    )

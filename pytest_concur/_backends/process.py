@@ -74,20 +74,25 @@ def resolve_auto() -> tuple[str, str]:
     ``faulthandler_timeout``): they do not run the test's Python code, and forking past
     them is what fork-based test runners have always done. ``spawn`` where there is no
     safe fork at all.
+
+    Nor do the threads an earlier test was failed for leaving running (a leak, or a body
+    given up on at its deadline) count: otherwise one such test would switch every later
+    ``[process]`` item to forkserver, and a test's outcome would depend on the order the
+    tests ran in.
     """
+    from pytest_concur import _locks
+
     if sys.platform == "darwin" or not hasattr(os, "fork"):
         return "spawn", "fork is not available or not safe on this platform"
-    if threading.active_count() == 1:
+    me = threading.current_thread()
+    others = [t for t in threading.enumerate() if t is not me and not _locks.left_behind(t)]
+    if not others:
         return "fork", ""
+    names = ", ".join(t.name for t in others)
     return "forkserver", (
-        f"the test process runs {threading.active_count()} threads ({_thread_names()}), "
+        f"the test process runs {len(others) + 1} threads ({names}), "
         "which makes fork unsafe, so the child was started with forkserver"
     )
-
-
-def _thread_names() -> str:
-    names = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-    return ", ".join(names) if names else "not started by Python's threading module"
 
 
 class ChildFailure(Exception):

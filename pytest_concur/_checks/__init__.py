@@ -11,7 +11,7 @@ from pytest_concur._backends.base import Check
 
 @pytest.hookimpl(trylast=True)
 def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
-    from pytest_concur._checks import _allow
+    from pytest_concur._checks import _allow, _where
     from pytest_concur._checks.blocked_loop import BlockedLoopCheck
     from pytest_concur._checks.callbacks import CallbacksCheck
     from pytest_concur._checks.deadlock import DeadlockCheck
@@ -22,6 +22,7 @@ def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
     from pytest_concur._workers import WorkersCheck
 
     _allow.from_ini(config)  # a bad ini key is a usage error now, not in the first test
+    _where.set_test_files(config.getini("python_files"))  # the reports' test lines
     # Watches begin in this order and end in the reverse one. The deadlock check goes first:
     # its Thread.start stands in for the real one, so the leak checks' wrappers go on top of
     # it, and it unblocks deadlocked threads before the leak checks look for leftovers.

@@ -56,6 +56,24 @@ class Site:
         filename, lineno, function, _ = self.frames[0]
         return f"{short_path(filename)}:{lineno} in {function}"
 
+    def with_test_line(self) -> str:
+        """``str(self)``, and the line of the test's own code that led there, if elsewhere.
+
+        A thread started in a library's ``__init__`` (or a method the test called) is
+        named where the library starts it; which test line built the object, or called
+        the method, is what tells one leak from the other (a lock's creation site says
+        the same, see the deadlock report).
+        """
+        text = str(self)
+        if not self.frames or is_test_file(self.frames[0][0]):
+            return text
+        for index, (filename, lineno, function, _) in enumerate(self.frames[1:], 1):
+            if is_test_file(filename):
+                built = any(f.endswith("__init__") for _, _, f, _ in self.frames[:index])
+                how = "object made at" if built else "called from"
+                return f"{text} ({how} {short_path(filename)}:{lineno} in {function})"
+        return text
+
     def functions(self) -> Iterable[str]:
         """Every function on the way, as ``qualname`` and as ``module.qualname``."""
         for _, _, function, module in self.frames:
@@ -65,6 +83,28 @@ class Site:
 
 
 UNKNOWN = Site(())
+
+# pytest's python_files patterns (set by the checks at configure), and conftest.py.
+_TEST_FILES: tuple[str, ...] = ("test_*.py", "*_test.py")
+
+
+def set_test_files(patterns: Iterable[str]) -> None:
+    global _TEST_FILES
+    _TEST_FILES = tuple(patterns)
+    _is_test_file.cache_clear()
+
+
+def is_test_file(filename: str) -> bool:
+    """Whether ``filename`` is a test module or a ``conftest.py`` (the user's test code)."""
+    return _is_test_file(filename)
+
+
+@functools.lru_cache(maxsize=1024)
+def _is_test_file(filename: str) -> bool:
+    import fnmatch
+
+    name = os.path.basename(filename)
+    return name == "conftest.py" or any(fnmatch.fnmatch(name, p) for p in _TEST_FILES)
 
 
 def here(frame: FrameType | None = None) -> Site:

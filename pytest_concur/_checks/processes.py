@@ -463,7 +463,7 @@ def _leak_report(leaked: list[_Child], owner: Owner = TEST) -> str:
         f"{plural(len(leaked), 'child process', 'child processes')} running"
     ]
     for child in leaked:
-        lines.append(f"  {child.describe()} started at {child.site}")
+        lines.append(f"  {child.describe()} started at {child.site.with_test_line()}")
         child.stop()
     name = leaked[0].names()[0]
     managers = any(child.target.endswith("Manager._run_server") for child in leaked)

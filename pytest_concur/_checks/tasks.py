@@ -241,7 +241,8 @@ def _pending_report(pending: list[tuple[asyncio.Task[Any], Site]], owner: Owner 
     lines = [f"pytest-concur: {owner.subject} left {plural(len(pending), 'task')} pending"]
     for task, site in pending:
         lines.append(
-            f"  Task {task.get_name()!r} (coroutine={_coroutine_name(task)}) created at {site}"
+            f"  Task {task.get_name()!r} (coroutine={_coroutine_name(task)}) created at "
+            f"{site.with_test_line()}"
         )
         _cancel(task)
     lines.append(

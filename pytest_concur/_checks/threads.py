@@ -693,7 +693,7 @@ def _leak_report(
     for thread, started in leaked:
         daemon = ", daemon" if thread.daemon else ""
         lines.append(
-            f"  Thread {thread.name!r} (target={started.target}{daemon}) started at {started.site}"
+            f"  Thread {thread.name!r} (target={started.target}{daemon}) started at {started.site.with_test_line()}"
         )
     them, are = ("it", "it is") if len(leaked) == 1 else ("them", "they are")
     when = "" if owner is TEST else f" {owner.until}"  # a test's message stays as it was
