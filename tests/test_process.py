@@ -77,14 +77,6 @@ SEGFAULT = """
 """
 
 
-# Python 3.14's faulthandler adds a C stack section to its dump, and the trimming loses
-# the Python frames there: a known gap (issue 14), to fix next.
-FAULTHANDLER_314 = pytest.mark.skipif(
-    sys.version_info >= (3, 14), reason="3.14's faulthandler dump format: trimming not updated yet"
-)
-
-
-@FAULTHANDLER_314
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_a_segfaulting_childs_dump_is_in_its_captured_stderr_with_the_users_frames_only(
     pytester: pytest.Pytester, method: str
@@ -120,7 +112,6 @@ def test_a_segfaulting_childs_dump_is_in_its_captured_stderr_with_the_users_fram
     assert "Fatal Python error" not in result.stderr.str()
 
 
-@FAULTHANDLER_314
 def test_a_segfault_under_dash_s_says_its_output_went_to_the_terminal(
     pytester: pytest.Pytester,
 ) -> None:

@@ -337,9 +337,19 @@ class _Timing:
 
     def _follow(self, loop: Any, result: None = None) -> None:
         with self._lock:
-            if self._active:
-                # Copied, not changed in place: the wrapper reads it without the lock.
-                self._loops = {**self._loops, loop: _LoopState()}
+            if not self._active:
+                return
+            # Copied, not changed in place: the wrapper reads it without the lock.
+            self._loops = {**self._loops, loop: _LoopState()}
+        _sampler.wanted()
+
+    def follows_a_loop(self) -> bool:
+        """Whether a loop runs, or was made, under this watch: then the sampler is wanted.
+
+        A body that makes no loop starts no sampler thread (one thread start fewer per
+        test, and no thread of ours in the process while it runs).
+        """
+        return bool(self._loops)
 
     def _judge(
         self,
@@ -479,7 +489,8 @@ def _start_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = (timing, *_TIMINGS)
-    _sampler.wanted()
+    if timing.follows_a_loop():
+        _sampler.wanted()
 
 
 def _stop_timing(timing: _Timing) -> None:
@@ -576,6 +587,8 @@ class _Sampler:
         self.wake = _real_lock()
         self.wake.acquire()
         self.done = _real_lock()
+        # Held from the thread's start until it runs (see wanted).
+        self.started = _real_lock()
 
     def wanted(self) -> None:
         """A watch began: make sure the sampler runs."""
@@ -584,16 +597,26 @@ class _Sampler:
                 return
             self.running = True
             self.done.acquire()
+        self.started.acquire()
         try:
             _thread.start_new_thread(self._run, ())
         except RuntimeError:  # pragma: no cover - no more threads: no lines named
+            self.started.release()
             with self.lock:
                 self.running = False
                 self.done.release()
+            return
+        # Until the new thread runs, its state has no thread id, and Python 3.14's
+        # faulthandler stops its dump of every thread at such a state: a body that crashed
+        # right after the sampler's start would be reported with none of its frames.
+        if self.started.acquire(timeout=1.0):
+            self.started.release()
 
     def _run(self) -> None:
         self.ident = _get_ident()
         self.native_id = threading.get_native_id()
+        with contextlib.suppress(RuntimeError):  # released by wanted after its timeout
+            self.started.release()
         idle_since: float | None = None
         timeout = _MIN_TICK
         try:
@@ -645,7 +668,7 @@ class _Sampler:
             self.stopping = False
 
     def after_fork_in_parent(self) -> None:
-        if _TIMINGS:
+        if any(timing.follows_a_loop() for timing in _TIMINGS):
             self.wanted()
 
 
