@@ -390,7 +390,7 @@ _PLAIN_WAITS = frozenset({TrackedLock._wait.__code__, TrackedLock._acquire_resto
 class Wait:
     """What one blocked thread waits for."""
 
-    kind: str  # "lock" or "join"
+    kind: str  # "lock", "join" or "channel" (see _channels)
     lock: TrackedLock | None = None
     thread: threading.Thread | None = None
     timeout: float | None = None
@@ -398,10 +398,18 @@ class Wait:
     site: str = ""
     call: tuple[str, object] | None = None
     began: float = 0.0  # time.monotonic() when the wait was registered
+    # A channel's: whether the wait provably cannot end yet, and what it waits on.
+    blocked: Callable[[], bool] | None = None
+    what: str = ""
 
     def still_blocked(self) -> bool:
         if self.kind == "join":
             return self.thread is not None and self.thread.is_alive()
+        if self.blocked is not None:
+            try:
+                return self.blocked()
+            except Exception:
+                return False  # cannot tell: not provably blocked
         return self.lock is not None and self.lock.locked()
 
     def holder(self) -> int | None:
@@ -416,6 +424,8 @@ class Wait:
         if self.kind == "join":
             assert self.thread is not None
             return f"joins thread {self.thread.name!r}"
+        if self.kind == "channel":
+            return f"waits on {self.what}"
         assert self.lock is not None
         if self.call is not None:
             kind, obj = self.call
@@ -453,6 +463,7 @@ class Tracker:
     def __init__(self, body_thread: int, passive_threads: frozenset[int]) -> None:
         self._mutex = _real_allocate_lock()
         self.body_thread = body_thread
+        self.pid = os.getpid()  # a forked child inherits the tracker, not the process
         # Threads that only wait for the body (the thread backend's pytest thread).
         self.passive_threads = passive_threads
         self.started: list[threading.Thread] = []
@@ -1100,8 +1111,14 @@ _PATCHES: list[tuple[Any, str, Any]] = [
 class tracking:
     """Track locks and waits in this process for the span of a ``with`` block."""
 
-    def __init__(self, passive_threads: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self,
+        passive_threads: frozenset[int] = frozenset(),
+        extra: Iterable[tuple[Any, str, Any]] = (),
+    ) -> None:
         self._passive = passive_threads
+        # More (owner, name, replacement) swaps for the block (the channels', say).
+        self._extra = list(extra)
         self._saved: list[tuple[Any, str, Any]] = []
         self._stop_listening: Callable[[], None] = _nothing
         self.tracker: Tracker | None = None
@@ -1116,7 +1133,11 @@ class tracking:
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
             # Module attributes are swapped for the block; the two methods of Thread are
             # hooked once for the session and act only while TRACKER is set (see _hooks).
-            patches = [*_PATCHES, (threading, "excepthook", _quiet_hook(threading.excepthook))]
+            patches = [
+                *_PATCHES,
+                *self._extra,
+                (threading, "excepthook", _quiet_hook(threading.excepthook)),
+            ]
             # The factories are ours for the whole session already (see install): only
             # what is not in place yet is swapped, so only that is put back.
             patches = [p for p in patches if getattr(p[0], p[1]) is not p[2]]

@@ -15,7 +15,7 @@ from typing import final
 
 import pytest
 
-from pytest_concur import _locks
+from pytest_concur import _channels, _locks
 
 LOCK_ORDER_INI = "concur_lock_order"
 LOCK_ORDER_CHOICES = ("fail", "warn", "off")
@@ -53,7 +53,7 @@ class DeadlockWatch:
         # Under the thread backend, pytest's own thread only waits for the body's thread.
         me = threading.get_ident()
         passive = frozenset() if me == self._pytest_thread else frozenset({self._pytest_thread})
-        self._tracking = _locks.tracking(passive)
+        self._tracking = _locks.tracking(passive, _channels.patches())
         self._tracking.__enter__()
 
     def end(self, failed: bool) -> str | None:
