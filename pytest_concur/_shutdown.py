@@ -1,9 +1,9 @@
 """Threads a test left stuck must not hold the interpreter open after the session.
 
 Python cannot stop a thread. A non-daemon thread (or a worker of a ``concurrent.futures``
-thread pool, which that module joins at exit) that a hung or leaking test left blocked
-in a wait nobody will end (a lock made before the test, C code) would make the interpreter
-wait for it forever at exit, after the session has reported everything: CI then hangs
+thread pool, which that module joins at exit) that a hung or leaking test left blocked in
+a wait nobody will end (a lock made before pytest-concur loaded, C code) would make the
+interpreter wait for it forever at exit, after the session has reported everything: CI then hangs
 with a green-looking log. Such threads are handed to :func:`guard`. At exit, before the
 interpreter joins its non-daemon threads (``threading._register_atexit`` callbacks run
 just before that), the guarded threads still alive get a short grace; if any still runs,

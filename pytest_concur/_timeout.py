@@ -321,7 +321,8 @@ def _fire(armed: _Deadline, frame: FrameType | None) -> None:
     message = (
         f"Timeout (>{seconds}s, {armed.source}): pytest-concur found no deadlock, but "
         f"{item.name}{where} did not finish: a busy loop, a livelock, or a wait it cannot "
-        "see (C code, a lock made before the test, I/O). Where everything stood:\n\n"
+        "see (C code, I/O, a lock made before pytest-concur loaded). Where everything "
+        "stood:\n\n"
         f"{text}\n\n(report made in {time.monotonic() - started:.2f}s)"
     )
     if _PASSED not in item.stash:
