@@ -127,6 +127,9 @@ _WRAPPERS: dict[str, Callable[[_Site, Any], Any]] = {
 THREAD_START = _Site("threading:Thread", "start", "around")
 PROCESS_START = _Site("multiprocessing.process:BaseProcess", "start", "around")
 PROCESS_EXITCODE = _Site("multiprocessing.process:BaseProcess", "exitcode", "exitcode")
+# A process its parent stopped: its exit status was asked for, not unnoticed.
+PROCESS_TERMINATE = _Site("multiprocessing.process:BaseProcess", "terminate", "before")
+PROCESS_KILL = _Site("multiprocessing.process:BaseProcess", "kill", "before")
 POPEN_INIT = _Site("subprocess:Popen", "__init__", "after")
 POOL_INIT = _Site("multiprocessing.pool:Pool", "__init__", "after")
 PROCESS_POOL_INIT = _Site("concurrent.futures.process:ProcessPoolExecutor", "__init__", "after")
@@ -143,6 +146,8 @@ _SITES = (
     THREAD_START,
     PROCESS_START,
     PROCESS_EXITCODE,
+    PROCESS_TERMINATE,
+    PROCESS_KILL,
     POPEN_INIT,
     POOL_INIT,
     PROCESS_POOL_INIT,

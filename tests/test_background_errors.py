@@ -187,6 +187,35 @@ def test_child_process_error_nobody_checked_fails_the_test(
     )
 
 
+def test_a_child_the_test_stopped_may_exit_with_a_code_of_its_own(
+    pytester: pytest.Pytester,
+) -> None:
+    # Pool libraries (pebble) stop their workers with terminate(); the worker's SIGTERM
+    # handler exits with the signal's number. That exit status was asked for.
+    pytester.makepyfile(
+        """
+        import multiprocessing, os, signal, time
+        import pytest
+
+        def worker(ready):
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(signum))
+            ready.set()
+            time.sleep(60)
+
+        @pytest.mark.backend("thread")
+        def test_stops_its_worker():
+            ctx = multiprocessing.get_context("spawn")
+            ready = ctx.Event()
+            process = ctx.Process(target=worker, args=(ready,), name="worker")
+            process.start()
+            assert ready.wait(30)
+            process.terminate()
+            process.join()
+        """
+    )
+    run(pytester).assert_outcomes(passed=1)
+
+
 def test_command_that_failed_unwaited_fails_the_test(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

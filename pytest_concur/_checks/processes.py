@@ -7,7 +7,8 @@ and where:
 - ``multiprocessing.process.BaseProcess.start``: each process, with its target wrapped so
   that an exception in the child leaves its formatted traceback in a file the parent reads
   (the child's own stderr only says it to whoever reads the captured output);
-- ``BaseProcess.exitcode``: reading it counts as having checked the exit status;
+- ``BaseProcess.exitcode``: reading it counts as having checked the exit status, and so
+  does stopping the process (``terminate()``, ``kill()``): its exit code is then expected;
 - ``subprocess.Popen.__init__``: each command started;
 - ``multiprocessing.pool.Pool.__init__`` and ``ProcessPoolExecutor.__init__``: each pool.
 
@@ -274,6 +275,8 @@ class _Recording:
             (
                 (_hooks.PROCESS_START, self._on_start),
                 (_hooks.PROCESS_EXITCODE, self._on_exitcode),
+                (_hooks.PROCESS_TERMINATE, self._on_stopped),
+                (_hooks.PROCESS_KILL, self._on_stopped),
                 (_hooks.POPEN_INIT, self._on_popen),
                 (_hooks.POOL_INIT, self._on_pool),
                 (_hooks.PROCESS_POOL_INIT, self._on_pool),
@@ -291,6 +294,11 @@ class _Recording:
         with self.lock:
             if self.active and id(process) in self._watched:
                 self.checked.add(id(process))
+
+    def _on_stopped(self, process: BaseProcess, args: object, kwargs: object) -> None:
+        # Stopped on purpose (a pool library stopping its workers, whose SIGTERM handler
+        # may exit with a code of its own): its exit status is no news.
+        self._on_exitcode(process, 0)
 
     def _on_popen(self, popen: subprocess.Popen[Any], result: None) -> None:
         recording = self._taker()
