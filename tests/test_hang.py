@@ -495,7 +495,11 @@ def test_deadline_during_the_checks_puts_everything_back(pytester: pytest.Pytest
         """
     )
     result = run(pytester)
-    result.assert_outcomes(failed=1, passed=1)
+    outcomes = result.parseoutcomes()
+    assert (outcomes.get("failed"), outcomes.get("passed")) == (1, 1), outcomes
+    # On a busy machine the leak check's wait for "late" can fall in the teardown instead,
+    # which then gets a deadline of its own: one more error there, never a broken next test.
+    assert outcomes.get("errors", 0) <= 1, outcomes
     result.stdout.fnmatch_lines(["*Timeout (>0.3s, the pytest-timeout setting)*"])
     assert "it runs None" not in result.stdout.str()  # the main thread, between steps
 
