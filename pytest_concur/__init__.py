@@ -15,8 +15,14 @@ import typing
 
 if typing.TYPE_CHECKING:
     from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
-    from pytest_concur._locks import DeadlockError, HangError
-    from pytest_concur._workers import Concur, Worker, WorkerProcessTraceback, WorkerTimeoutError
+    from pytest_concur._errors import (
+        DeadlockError,
+        HangError,
+        PotentialDeadlockWarning,
+        WorkerProcessTraceback,
+        WorkerTimeoutError,
+    )
+    from pytest_concur._workers import Concur, Worker
 
 __version__ = "0.1.0.dev0"
 
@@ -27,6 +33,7 @@ __all__ = [
     "Concur",
     "DeadlockError",
     "HangError",
+    "PotentialDeadlockWarning",
     "Runner",
     "Watch",
     "Worker",
@@ -42,12 +49,13 @@ _HOMES = {
     "Check": "pytest_concur._backends.base",
     "Runner": "pytest_concur._backends.base",
     "Watch": "pytest_concur._backends.base",
-    "DeadlockError": "pytest_concur._locks",
-    "HangError": "pytest_concur._locks",
+    "DeadlockError": "pytest_concur._errors",
+    "HangError": "pytest_concur._errors",
+    "PotentialDeadlockWarning": "pytest_concur._errors",
+    "WorkerProcessTraceback": "pytest_concur._errors",
+    "WorkerTimeoutError": "pytest_concur._errors",
     "Concur": "pytest_concur._workers",
     "Worker": "pytest_concur._workers",
-    "WorkerProcessTraceback": "pytest_concur._workers",
-    "WorkerTimeoutError": "pytest_concur._workers",
 }
 
 

@@ -18,8 +18,9 @@ code and were invisible: ``queue.SimpleQueue.get`` (a C type, the work queue of 
   waits on. Under ``forkserver`` the children are the server's: its own wait for requests
   does not count, its children do. Elsewhere than Linux no child is provably idle.
 
-Waits with a timeout, non-blocking calls and waits of threads that only wait for the body
-go straight to the originals.
+Waits with a timeout, non-blocking calls, waits of threads that only wait for the body and
+waits begun after a verdict (a pool's idle worker asking for work as the test unwinds) go
+straight to the originals.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ class TrackedSimpleQueue(queue.SimpleQueue):  # type: ignore[type-arg]
             or not block
             or timeout is not None
             or _locks._get_ident() in tracker.passive_threads
+            # After a verdict: a pool's idle worker asking for work is not part of the
+            # deadlock, and a DeadlockError would kill it with a logged "Exception in worker".
+            or tracker.decided()
         ):
             return super().get(block, timeout)
         box: list[Any] = []
@@ -91,6 +95,7 @@ def _tracked_receiver(original: Callable[..., Any]) -> Callable[..., Any]:
             tracker is None
             or _locks._get_ident() in tracker.passive_threads
             or os.getpid() != tracker.pid  # a forked child: its parent may write
+            or tracker.decided()  # begun after the verdict: not part of the deadlock
             or _ready(self, 0)
             or _machinery(sys._getframe(1))
         ):

@@ -34,15 +34,15 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
 from pytest_concur import _locks
 from pytest_concur._checks._where import callable_name
-from pytest_concur._locks import HangError
+from pytest_concur._errors import HangError
 from pytest_concur._loopwatch import task_lines
+from pytest_concur._stacks import filter_dump, stack_lines
 
 # The signal a child is asked to dump its stacks with (see also _backends/_child.py).
 DUMP_SIGNAL = getattr(signal, "SIGURG", None)
@@ -273,68 +273,6 @@ def _copy(read: Any) -> Any:
     return None
 
 
-# Frames that are never where a test stands: pytest's and pluggy's calls down to the test,
-# the interpreter's start, an event loop's own running, a thread's start.
-_NOISE = (
-    os.sep + "_pytest" + os.sep,
-    os.sep + "pluggy" + os.sep,
-    os.path.join("pytest", "__main__.py"),
-    "<frozen runpy>",
-    os.path.join("asyncio", "base_events.py"),
-    os.path.join("asyncio", "events.py"),
-    os.path.join("asyncio", "runners.py"),
-    os.path.join("multiprocessing", "process.py"),
-    os.path.join("multiprocessing", "popen_fork.py"),
-    os.path.join("multiprocessing", "context.py"),
-    os.path.join("multiprocessing", "forkserver.py"),
-    os.path.join("multiprocessing", "spawn.py"),
-    # pytest-xdist's worker: its start-up and the I/O thread of execnet.
-    os.sep + "execnet" + os.sep,
-    os.sep + "xdist" + os.sep,
-)
-_THREAD_START = ("run", "_bootstrap", "_bootstrap_inner")
-# Where a multiprocessing child's own life starts: what its stack holds before that frame
-# is how it was started (a fork copies the whole stack of its parent, pytest's included).
-_CHILD_START = (os.path.join("multiprocessing", "process.py"), "_bootstrap")
-# A stack deeper than this shows its oldest and newest calls only.
-_MAX_FRAMES = 40
-_OLDEST_KEPT = 8
-
-
-def _is_noise(filename: str, name: str) -> bool:
-    if filename.startswith(_locks._PACKAGE) or any(part in filename for part in _NOISE):
-        return True
-    if filename == "<string>" and name == "<module>":
-        return True  # the ``python -c`` that started a spawned child or an xdist worker
-    return filename.endswith("threading.py") and name in _THREAD_START
-
-
-def _is_child_start(filename: str, name: str) -> bool:
-    return filename.endswith(_CHILD_START[0]) and name == _CHILD_START[1]
-
-
-def stack_lines(frame: FrameType | None) -> list[str]:
-    """A thread's stack, oldest call first, without the frames of :data:`_NOISE`.
-
-    Also what a deadlock's report shows of each thread (see ``_locks``): in a process
-    backend's child, a stack starts with the parent's pytest frames, copied by the fork.
-    """
-    summary = traceback.StackSummary.extract(traceback.walk_stack(frame), capture_locals=False)
-    entries = list(reversed(summary))
-    starts = [i for i, entry in enumerate(entries) if _is_child_start(entry.filename, entry.name)]
-    if starts:
-        entries = entries[starts[-1] + 1 :]
-    entries = [entry for entry in entries if not _is_noise(entry.filename, entry.name)]
-    hidden = len(entries) - _MAX_FRAMES
-    if hidden > 0:
-        older = traceback.StackSummary.from_list(entries[:_OLDEST_KEPT]).format()
-        newer = traceback.StackSummary.from_list(entries[_OLDEST_KEPT + hidden :]).format()
-        text = "".join([*older, f"  ... ({hidden} calls not shown) ...\n", *newer])
-    else:
-        text = "".join(traceback.StackSummary.from_list(entries).format())
-    return text.rstrip("\n").splitlines()
-
-
 def waits_for_body(frame: FrameType | None) -> bool:
     """Whether a thread stopped at ``frame`` is a backend waiting for the body to end."""
     waiting = {
@@ -346,27 +284,6 @@ def waits_for_body(frame: FrameType | None) -> bool:
             return True
         frame = frame.f_back
     return False
-
-
-def filter_dump(text: str) -> str:
-    """A faulthandler dump without the frames of :data:`_NOISE`.
-
-    Its stacks list the most recent call first: a child's start ends what is kept of each.
-    """
-    kept = []
-    started = False  # past the child's start, in the stack of the thread at hand
-    for line in text.splitlines():
-        stripped = line.strip()
-        if stripped.startswith('File "') and " in " in stripped:
-            filename = stripped[len('File "') :].split('"', 1)[0]
-            name = stripped.rsplit(" in ", 1)[-1]
-            if started or _is_noise(filename, name):
-                started = started or _is_child_start(filename, name)
-                continue
-        else:
-            started = False
-        kept.append(line)
-    return "\n".join(kept)
 
 
 # -- tasks -----------------------------------------------------------------------------

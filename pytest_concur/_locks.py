@@ -56,9 +56,11 @@ from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _hooks, _primitives
+from pytest_concur._errors import DeadlockError, HangError
+from pytest_concur._stacks import PACKAGE, stack_lines
 from pytest_concur._state import items_begun
 
-_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_PACKAGE = PACKAGE  # (see _stacks)
 _real_allocate_lock = _primitives.allocate_lock
 _real_rlock: Callable[[], Any] = _primitives.RLock
 _get_ident = _thread.get_ident
@@ -95,20 +97,6 @@ _BLOCKING_CALLS = {
 # that confirm a finding.
 _SLICE = 0.005
 _MAX_SLICE = 0.05
-
-
-class DeadlockError(RuntimeError):
-    """Raised in every blocked thread of a test that can provably make no more progress."""
-
-
-DeadlockError.__module__ = "pytest_concur"  # its public home, in reports and pickles
-
-
-class HangError(RuntimeError):
-    """Raised in a hung test's threads when pytest-concur gives up on it at its deadline."""
-
-
-HangError.__module__ = "pytest_concur"
 
 
 def _is_machinery(frame: FrameType) -> bool:
@@ -817,8 +805,6 @@ def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str
             continue
         lines.append("")
         lines.append(f"Stack of thread {_thread_name(ident)}:")
-        from pytest_concur._hang import stack_lines  # imports us: not at the top
-
         lines.extend(stack_lines(frame))
     return "\n".join(lines)
 

@@ -27,7 +27,7 @@ from typing import Any, final
 import pytest
 
 from pytest_concur._checks._allow import DEFAULT_GRACE, GRACE_INI, grace
-from pytest_concur._locks import DeadlockError
+from pytest_concur._errors import DeadlockError
 from pytest_concur._loopwatch import new_loop
 
 _ITEM_LOOP = pytest.StashKey["LoopRunner"]()

@@ -22,6 +22,7 @@ from concurrent.futures import Future
 from typing import Any, final
 
 from pytest_concur import _locks
+from pytest_concur._errors import DeadlockError
 
 _PROBE = 0.01
 _MAX_PROBE = 0.1
@@ -74,7 +75,7 @@ class WatchingSelector(selectors.BaseSelector):
         """Fail the test body where it awaits; failing that, fail the loop itself."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
         report = _report(loop)
-        error = _locks.DeadlockError(report)
+        error = DeadlockError(report)
         tracker = _locks.TRACKER
         if tracker is not None:
             # Threads blocked in tracked waits for this loop (an executor job waiting on an

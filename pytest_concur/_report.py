@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from pytest_concur import _locks
+from pytest_concur._errors import DeadlockError, HangError
 
 _LONGREPR = pytest.StashKey[tuple[BaseException, Any]]()
 
@@ -59,7 +60,7 @@ def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     exc: BaseException | None = excinfo.value
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (_locks.DeadlockError, _locks.HangError)):
+        if isinstance(exc, (DeadlockError, HangError)):
             kept = _cut_after_the_user(exc.__traceback__)
             if exc is excinfo.value and kept is not None:
                 excinfo.traceback = excinfo.traceback[:kept]

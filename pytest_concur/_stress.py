@@ -58,7 +58,7 @@ import pytest
 
 import pytest_concur
 from pytest_concur import _hooks, _locks, _report
-from pytest_concur._locks import DeadlockError
+from pytest_concur._errors import DeadlockError
 from pytest_concur._watching import check_result, end_watches
 
 if TYPE_CHECKING:

@@ -72,6 +72,7 @@ import pytest
 from pytest_concur import _locks
 from pytest_concur._checks import _allow
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+from pytest_concur._errors import WorkerProcessTraceback, WorkerTimeoutError
 from pytest_concur._locks import _real_allocate_lock as _real_lock
 
 if TYPE_CHECKING:
@@ -92,30 +93,6 @@ _TERMINATE_GRACE = 1.0
 _CURRENT: contextvars.ContextVar[Worker[Any] | None] = contextvars.ContextVar(
     "pytest_concur_worker", default=None
 )
-
-
-class WorkerTimeoutError(TimeoutError):
-    """A worker did not finish within the timeout given to ``join``, ``result`` and the like.
-
-    The worker is still running; waiting again, or cancelling it, is up to the test.
-    """
-
-
-WorkerTimeoutError.__module__ = "pytest_concur"  # its public home, in reports and pickles
-
-
-class WorkerProcessTraceback(Exception):
-    """The traceback of an exception raised in a worker process, as the worker formatted it.
-
-    Set as the ``__cause__`` of the exception re-raised in the test: tracebacks do not
-    cross processes, their text does.
-    """
-
-    def __str__(self) -> str:
-        return str(self.args[0]).rstrip() if self.args else ""
-
-
-WorkerProcessTraceback.__module__ = "pytest_concur"
 
 
 # -- claims: what this module reports itself ------------------------------------------------
@@ -1192,7 +1169,7 @@ class Concur:
 
 def _is_deadlock_error(error: BaseException | None) -> bool:
     # The deadlock check raised it to unblock the worker, and reports the deadlock itself.
-    from pytest_concur._locks import DeadlockError
+    from pytest_concur._errors import DeadlockError
 
     return isinstance(error, DeadlockError)
 

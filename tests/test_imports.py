@@ -265,16 +265,8 @@ def test_the_cycle_finder_finds_cycles() -> None:
     assert _imported(tree, {"p", "p.q", "p.r", "p.r.s"}, "p.x") == {"p.r.s"}
 
 
-# Cycles left to break, each sorted; the next session empties this list. _hang, _locks and
-# _loopwatch import each other for stack and frame helpers (issue 15): those belong in a leaf
-# module of frames and stacks.
-KNOWN_CYCLES = [
-    ["pytest_concur._hang", "pytest_concur._locks", "pytest_concur._loopwatch"],
-]
-
-
 def test_the_package_has_no_import_cycle() -> None:
-    assert _cycles(_import_graph()) == KNOWN_CYCLES
+    assert _cycles(_import_graph()) == []
 
 
 def test_every_subpackage_is_in_the_wheel() -> None:

@@ -203,6 +203,7 @@ def test_public_api_is_what_all_says() -> None:
         "Concur",
         "DeadlockError",
         "HangError",
+        "PotentialDeadlockWarning",
         "Runner",
         "Watch",
         "Worker",

@@ -489,11 +489,11 @@ def _forward_crash_dump(process: BaseProcess, path: Path) -> bool:
         return False
     if not text.strip():
         return False
-    from pytest_concur import _hang
+    from pytest_concur._stacks import filter_dump
 
     lines = [
         line
-        for line in _hang.filter_dump(text).splitlines()
+        for line in filter_dump(text).splitlines()
         # The C extensions loaded: one long line of module names, no help here.
         if not line.startswith("Extension modules:")
     ]

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import final
 
-import pytest_concur
+from pytest_concur._stacks import PACKAGE
 
 # How many frames of user code are kept for matching ``started_by`` allow patterns.
 _KEPT = 12
@@ -34,7 +34,7 @@ _LIBRARY = (
     os.path.join(_STDLIB, "asyncio", ""),
     os.path.join(_STDLIB, "concurrent", ""),
     os.path.join(_STDLIB, "multiprocessing", ""),
-    os.path.join(os.path.dirname(pytest_concur.__file__), ""),
+    PACKAGE,
 )
 
 
@@ -136,7 +136,7 @@ def from_origin(origin: tuple[tuple[str, int, str], ...] | None) -> Site:
     )
 
 
-_OURS = os.path.join(os.path.dirname(pytest_concur.__file__), "")
+_OURS = PACKAGE
 
 
 def format_exception(exc: BaseException) -> str:

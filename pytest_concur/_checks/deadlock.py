@@ -16,13 +16,10 @@ from typing import final
 import pytest
 
 from pytest_concur import _channels, _locks
+from pytest_concur._errors import PotentialDeadlockWarning
 
 LOCK_ORDER_INI = "concur_lock_order"
 LOCK_ORDER_CHOICES = ("fail", "warn", "off")
-
-
-class PotentialDeadlockWarning(UserWarning):
-    """Locks were taken in both orders (``concur_lock_order = warn``)."""
 
 
 @final

@@ -148,7 +148,22 @@ class _Recording:
             lost = [_Lost(f, site) for f, site in failed if f not in self.seen]
             self.made.clear()
             self.seen.clear()
-        return [lost_one for lost_one in lost if not lost_one.future.cancelled()]
+        return [
+            lost_one
+            for lost_one in lost
+            if not lost_one.future.cancelled() and not _ours(lost_one.future.exception())
+        ]
+
+
+def _ours(exc: BaseException | None) -> bool:
+    """A DeadlockError or HangError: the verdict that raised it is the test's failure already.
+
+    (A worker unwinding from a deadlock leaves it in the future the test was waiting on
+    when the same verdict ended that wait: reporting it again repeats the whole report.)
+    """
+    from pytest_concur._errors import DeadlockError, HangError
+
+    return isinstance(exc, (DeadlockError, HangError))
 
 
 def _made_by_map(frame: Any) -> bool:

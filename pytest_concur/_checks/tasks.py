@@ -272,7 +272,7 @@ def _cancel(task: asyncio.Task[Any]) -> None:
 def _stuck_by_the_failure() -> bool:
     """Whether the body failed with a deadlock or at its deadline: its tasks are in that
     report already (what each awaits), and leaving them pending is no separate fault."""
-    from pytest_concur._locks import DeadlockError, HangError
+    from pytest_concur._errors import DeadlockError, HangError
     from pytest_concur._watching import body_error
 
     return isinstance(body_error(), (DeadlockError, HangError))

@@ -618,7 +618,7 @@ def _is_loop_executor(executor: object) -> bool:
 def _is_deadlock_error(exc: BaseException | None) -> bool:
     # The deadlock check raises it in threads to unblock them, and reports the deadlock
     # itself; the hook it installed before ours keeps quiet about it.
-    from pytest_concur._locks import DeadlockError
+    from pytest_concur._errors import DeadlockError
 
     return isinstance(exc, DeadlockError)
 
