@@ -389,8 +389,13 @@ class Wait:
     # A channel's: whether the wait provably cannot end yet, and what it waits on.
     blocked: Callable[[], bool] | None = None
     what: str = ""
+    # Set as soon as an attempt succeeded: the thread is leaving the wait (it may be kept
+    # from removing it for a while, on a busy machine, by another thread's look).
+    done: bool = False
 
     def still_blocked(self) -> bool:
+        if self.done:
+            return False
         if self.kind == "join":
             return self.thread is not None and self.thread.is_alive()
         if self.blocked is not None:
@@ -398,7 +403,12 @@ class Wait:
                 return self.blocked()
             except Exception:
                 return False  # cannot tell: not provably blocked
-        return self.lock is not None and self.lock.locked()
+        lock = self.lock
+        if lock is None or not lock.locked():
+            return False
+        # Locked with no owner recorded: taken a moment ago, most likely by this very wait
+        # (its owner is set once the attempt returns), so not provably blocked.
+        return lock._reentrant or lock.owner is not None
 
     def holder(self) -> int | None:
         """The thread this wait depends on, when that is one thread: a mutex owner, a joinee."""
@@ -541,6 +551,7 @@ class Tracker:
                         return attempt(0)
                     slice_ = min(slice_, remaining)
                 if attempt(slice_):
+                    wait.done = True
                     if wait.timeout is None and self.decided():
                         # The joined thread ended, or the lock's holder let go, only because
                         # the verdict unwound it: this wait is part of the deadlock too.

@@ -850,3 +850,25 @@ def test_under_check_all_a_plain_tests_failure_ends_at_the_users_wait_too(
         ]
     )
     result.stdout.no_fnmatch_line("*Wait until notified or until a timeout occurs*")
+
+
+def test_a_wait_whose_attempt_just_succeeded_is_not_blocked() -> None:
+    # The window that made a false "every thread is blocked" on a busy machine (seen on
+    # 3.15): a Condition waiter took its lock back after notify(), and before it could
+    # record itself as the owner and leave the wait, another thread's look saw the lock
+    # locked and the wait still there.
+    from pytest_concur import _locks
+
+    lock = _locks.TrackedLock()
+    wait = _locks.Wait(kind="lock", lock=lock)
+    lock.acquire()
+    assert wait.still_blocked()  # held by someone: a wait on it is blocked
+    lock.release()
+    assert not wait.still_blocked()
+    lock._lock.acquire()  # what the waiting thread's attempt does, in C
+    assert not wait.still_blocked()  # no owner recorded yet: its own, a moment ago
+    lock._lock.release()
+    lock.acquire()
+    wait.done = True  # the attempt returned: the thread is on its way out
+    assert not wait.still_blocked()
+    lock.release()
