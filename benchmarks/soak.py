@@ -181,18 +181,21 @@ def main() -> None:
     if not os.path.exists("/proc/self/statm"):
         sys.exit("soak.py reads /proc: Linux only")
     print(f"Python {sys.version.split()[0]}, {options.items} items, samples every {options.block}")
-    plain = run(options.items, options.block, xdist=False, plain=True).get("main")
-    plain_kb = None
-    if plain and len(plain) > 2:
-        plain_kb = (
-            (plain[-1]["rss_mb"] - plain[1]["rss_mb"])
-            * 1024
-            / (plain[-1]["items"] - plain[1]["items"])
-        )
+    # Plain pytest on as many tests, the same way (under xdist too: its controller keeps
+    # every worker's reports), for what pytest itself keeps per item in each process.
+    plain = run(options.items, options.block, xdist=options.xdist, plain=True)
+    plain_kb: dict[str, float] = {}
+    for name, samples in plain.items():
+        if len(samples) > 2:
+            plain_kb[name] = (
+                (samples[-1]["rss_mb"] - samples[1]["rss_mb"])
+                * 1024
+                / (samples[-1]["items"] - samples[1]["items"])
+            )
     results = run(options.items, options.block, options.xdist)
     if not results:
         sys.exit("no samples came back: see pytest's output above")
-    flat = [report(name, samples, plain_kb) for name, samples in results.items()]
+    flat = [report(name, samples, plain_kb.get(name)) for name, samples in results.items()]
     sys.exit(0 if all(flat) else 1)
 
 

@@ -128,7 +128,7 @@ def pytest_runtest_makereport(
 
 
 @final
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)  # one per backend item: 10,000 in a big session
 class Record:
     """One item that ran under a backend, as its reports told."""
 

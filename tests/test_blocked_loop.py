@@ -597,3 +597,44 @@ def test_the_sampler_is_not_in_a_hang_report(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*Threads (most recent call last):", "*  Thread 'MainThread'*"])
     result.stdout.no_fnmatch_line("*not a threading.Thread*")
+
+
+@pytest.mark.parametrize("backend", ["thread", "asyncio"])
+def test_garbage_collection_is_not_the_steps_fault(pytester: pytest.Pytester, backend: str) -> None:
+    # In a long session a full collection can take longer than the threshold, in whichever
+    # step it lands. Made slow here by a gc callback that sleeps when a collection stops
+    # (registered before pytest-concur's, so its sleep falls inside the collection's span).
+    pytester.makepyfile(
+        f"""
+        import asyncio, gc, time
+        import pytest
+
+        SLOW = []
+
+        def slow_collection(phase, info):
+            if phase == "stop" and SLOW:
+                SLOW.clear()
+                time.sleep(0.3)
+
+        gc.callbacks.append(slow_collection)
+
+        @pytest.mark.backend({backend!r})
+        async def test_a_collection_in_a_step():
+            SLOW.append(True)
+            gc.collect()
+            await asyncio.sleep(0)
+
+        @pytest.mark.backend({backend!r})
+        async def test_blocking_outside_a_collection_still_counts():
+            time.sleep(0.3)
+            await asyncio.sleep(0)
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=60)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_blocking_outside_a_collection_still_counts*",
+            "*the event loop was blocked*or collected garbage)*",
+        ]
+    )

@@ -40,8 +40,10 @@ and nothing is recorded once the watch has ended.
 from __future__ import annotations
 
 import _thread
+import collections
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import sys
@@ -371,6 +373,9 @@ class _Timing:
         # for a CPU (a busy machine), where the platform says how long that was.
         waited = _waited(sched_start, sched_end)
         held = elapsed - waited if waited is not None else elapsed
+        # Nor the garbage collector's pauses: a full collection in a long session (many
+        # objects alive) can take longer than the threshold, in whichever step it lands.
+        held -= _gc_during(state.thread, start, start + elapsed)
         with self._lock:
             looks = state.looks
             if looks is not None and looks[0] == start:
@@ -489,6 +494,8 @@ def _start_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = (timing, *_TIMINGS)
+        if _on_gc not in gc.callbacks:
+            gc.callbacks.append(_on_gc)
     if timing.follows_a_loop():
         _sampler.wanted()
 
@@ -497,6 +504,41 @@ def _stop_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = tuple(t for t in _TIMINGS if t is not timing)
+        if not _TIMINGS:
+            with contextlib.suppress(ValueError):
+                gc.callbacks.remove(_on_gc)
+            _GC_SPANS.clear()
+
+
+# -- garbage collection: pauses that no step is to blame for -----------------------------
+#
+# While a watch runs, gc.callbacks tells when each collection starts and stops, in the
+# thread that triggered it; the last few spans of each thread are kept, and a step over
+# the threshold is charged its wall time less the collections that ran in it.
+_GC_STARTED: dict[int, float] = {}
+_GC_SPANS: dict[int, collections.deque[tuple[float, float]]] = {}
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    ident = _get_ident()
+    if phase == "start":
+        _GC_STARTED[ident] = _clock()
+        return
+    began = _GC_STARTED.pop(ident, None)
+    if began is None:
+        return
+    spans = _GC_SPANS.get(ident)
+    if spans is None:
+        spans = _GC_SPANS[ident] = collections.deque(maxlen=32)
+    spans.append((began, _clock()))
+
+
+def _gc_during(ident: int | None, start: float, end: float) -> float:
+    """Seconds thread ``ident`` spent collecting garbage between ``start`` and ``end``."""
+    spans = _GC_SPANS.get(ident) if ident is not None else None
+    if not spans:
+        return 0.0
+    return sum(max(0.0, min(end, stop) - max(start, began)) for began, stop in list(spans))
 
 
 # -- what a step consumed: wall time less the time its thread waited for a CPU ------------
@@ -560,8 +602,8 @@ def _waited(start: bytes, end: bytes) -> float | None:
 def measured_as() -> str:
     """How the check measures a step here, for its report."""
     if _schedstat():
-        return "wall time less the time its thread waited for a CPU"
-    return "wall time: this platform tells no thread's wait for a CPU"
+        return "wall time less the time its thread waited for a CPU or collected garbage"
+    return "wall time less garbage collection: this platform tells no thread's wait for a CPU"
 
 
 # -- the sampler: which line a step that runs too long is at -----------------------------
