@@ -108,6 +108,7 @@ def _tracked_receiver(original: Callable[..., Any]) -> Callable[..., Any]:
         tracker.wait_for(wait, lambda slice_: _ready(self, slice_))
         return original(self, *args, **kwargs)
 
+    receive.concur_original = original  # type: ignore[attr-defined]
     return receive
 
 
@@ -142,19 +143,29 @@ _QUEUES = os.path.join("multiprocessing", "queues.py")
 
 
 def patches() -> list[tuple[Any, str, Any]]:
-    """The (owner, name, replacement) swaps for a tracked body; multiprocessing's if imported."""
-    swaps: list[tuple[Any, str, Any]] = [(queue, "SimpleQueue", TrackedSimpleQueue)]
-    connection = sys.modules.get("multiprocessing.connection")
-    if connection is None and "multiprocessing" in sys.modules:
-        # multiprocessing.Pipe() and Queue() import it on first use, maybe in the body.
-        import multiprocessing.connection as connection
-    if connection is not None:
-        base = connection._ConnectionBase
-        for name in _RECEIVERS:
-            original = base.__dict__.get(name)
-            if original is not None and not hasattr(original, "__wrapped__"):
-                swaps.append((base, name, _tracked_receiver(original)))
-    return swaps
+    """The (owner, name, replacement) swaps for a tracked body; multiprocessing's if imported.
+
+    Asked at every body's start: the receivers' wrappers are made once, when
+    multiprocessing is first seen.
+    """
+    global _RECEIVER_SWAPS
+    if not _RECEIVER_SWAPS:
+        connection = sys.modules.get("multiprocessing.connection")
+        if connection is None and "multiprocessing" in sys.modules:
+            # multiprocessing.Pipe() and Queue() import it on first use, maybe in the body.
+            import multiprocessing.connection as connection
+        if connection is not None:
+            base = connection._ConnectionBase
+            # (An abandoned body's wrappers may still be in place: wrap what they wrap.)
+            _RECEIVER_SWAPS = [
+                (base, name, _tracked_receiver(getattr(method, "concur_original", method)))
+                for name in _RECEIVERS
+                if (method := base.__dict__.get(name)) is not None
+            ]
+    return [(queue, "SimpleQueue", TrackedSimpleQueue), *_RECEIVER_SWAPS]
+
+
+_RECEIVER_SWAPS: list[tuple[Any, str, Any]] = []
 
 
 # -- children ------------------------------------------------------------------------------

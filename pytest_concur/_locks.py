@@ -76,7 +76,7 @@ _STDLIB_SYNC = (
     os.path.join("multiprocessing", ""),
     # All of pytest-concur: the concur fixture's joins, the wrappers of Thread.start,
     # Popen.__init__ and of a child's target (the checks').
-    os.path.join(os.path.dirname(os.path.abspath(__file__)), ""),
+    PACKAGE,
 )
 # The public blocking calls we name in diagnoses, by the stdlib function that blocks.
 _BLOCKING_CALLS = {

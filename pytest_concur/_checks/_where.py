@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import final
 
-from pytest_concur._stacks import PACKAGE
+from pytest_concur._stacks import PACKAGE, is_ours
 
 # How many frames of user code are kept for matching ``started_by`` allow patterns.
 _KEPT = 12
@@ -136,9 +136,6 @@ def from_origin(origin: tuple[tuple[str, int, str], ...] | None) -> Site:
     )
 
 
-_OURS = PACKAGE
-
-
 def format_exception(exc: BaseException) -> str:
     """``traceback.format_exception`` of ``exc``, without pytest-concur's own frames.
 
@@ -153,7 +150,7 @@ def format_exception(exc: BaseException) -> str:
     while part is not None and id(part) not in seen:
         seen.add(id(part))
         part.stack = traceback.StackSummary.from_list(
-            [frame for frame in part.stack if not frame.filename.startswith(_OURS)]
+            [frame for frame in part.stack if not is_ours(frame.filename)]
         )
         part = part.__cause__ or part.__context__
     return "".join(formatted.format())

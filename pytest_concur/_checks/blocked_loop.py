@@ -343,7 +343,7 @@ class _Timing:
                 return
             # Copied, not changed in place: the wrapper reads it without the lock.
             self._loops = {**self._loops, loop: _LoopState()}
-        _sampler.wanted()
+        _loop_followed()
 
     def follows_a_loop(self) -> bool:
         """Whether a loop runs, or was made, under this watch: then the sampler is wanted.
@@ -494,10 +494,16 @@ def _start_timing(timing: _Timing) -> None:
     global _TIMINGS
     with _timings_lock:
         _TIMINGS = (timing, *_TIMINGS)
+    if timing.follows_a_loop():
+        _loop_followed()
+
+
+def _loop_followed() -> None:
+    """A watch follows a loop: the sampler runs, and collections are timed (not blamed)."""
+    with _timings_lock:
         if _on_gc not in gc.callbacks:
             gc.callbacks.append(_on_gc)
-    if timing.follows_a_loop():
-        _sampler.wanted()
+    _sampler.wanted()
 
 
 def _stop_timing(timing: _Timing) -> None:
@@ -512,7 +518,7 @@ def _stop_timing(timing: _Timing) -> None:
 
 # -- garbage collection: pauses that no step is to blame for -----------------------------
 #
-# While a watch runs, gc.callbacks tells when each collection starts and stops, in the
+# While a watch follows a loop, gc.callbacks tells when each collection starts and stops, in the
 # thread that triggered it; the last few spans of each thread are kept, and a step over
 # the threshold is charged its wall time less the collections that ran in it.
 _GC_STARTED: dict[int, float] = {}
