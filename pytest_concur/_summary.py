@@ -130,19 +130,29 @@ def pytest_runtest_makereport(
 @final
 @dataclasses.dataclass(slots=True)  # one per backend item: 10,000 in a big session
 class Record:
-    """One item that ran under a backend, as its reports told."""
+    """One item that ran under a backend, as its reports told.
+
+    Lean on purpose: the controller of a big session keeps one per item, beside the
+    reports pytest's terminal reporter keeps. What most items never have (findings,
+    failures, graphs) is an empty tuple shared by all, and the test's name without its
+    backend is worked out when asked.
+    """
 
     nodeid: str
-    test: str  # the nodeid without the backend in its parameter id
     backend: str
     outcome: str = "passed"
-    findings: list[str] = dataclasses.field(default_factory=list)
+    findings: tuple[str, ...] = ()
     detection_ms: float | None = None
     duration: float = 0.0
     # (phase, pytest's failure text) of each phase that failed, for the HTML report.
-    failures: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    failures: tuple[tuple[str, str], ...] = ()
     # The deadlock check's wait-for graphs (see _locks.wait_for_graph).
-    graphs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    graphs: tuple[dict[str, Any], ...] = ()
+
+    @property
+    def test(self) -> str:
+        """The nodeid without the backend in its parameter id."""
+        return _without_backend(self.nodeid, self.backend)
 
 
 _RECORDS = pytest.StashKey[dict[str, Record]]()
@@ -161,30 +171,49 @@ class Collector:
         self.config = config
         self.records: dict[str, Record] = config.stash.setdefault(_RECORDS, {})
         self.written: list[str] = []  # the files of --concur-report and --concur-html
+        self._entries: dict[str, tuple[str, str]] = {}  # see _backend_of
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
-        properties = [entry for entry in report.user_properties if len(entry) == 2]
-        backend = next((str(v) for k, v in properties if k == BACKEND_PROPERTY), None)
+        backend = self._backend_of(report)
         if backend is None:
             return
         record = self.records.get(report.nodeid)
         if record is None:
-            test = _without_backend(report.nodeid, backend)
-            record = self.records[report.nodeid] = Record(report.nodeid, test, backend)
+            record = self.records[report.nodeid] = Record(report.nodeid, backend)
         record.duration += report.duration
         if report.failed:
-            record.failures.append((str(report.when), report.longreprtext))
+            record.failures += ((str(report.when), report.longreprtext),)
         for graph in getattr(report, "concur_graphs", None) or ():
             if isinstance(graph, dict) and graph not in record.graphs:
-                record.graphs.append(graph)
-        for key, value in properties:
+                record.graphs += (graph,)
+        # Any length: a user's entry or another plugin's may not be a pair.
+        for key, value in (entry for entry in report.user_properties if len(entry) == 2):
             if key == FINDING_PROPERTY and value not in record.findings:
-                record.findings.append(str(value))
+                record.findings += (str(value),)
             elif key == LATENCY_PROPERTY and isinstance(value, (int, float)):
                 record.detection_ms = float(value)
         outcome = _outcome(report)
         if outcome is not None and _RANK[outcome] >= _RANK[record.outcome]:
             record.outcome = outcome
+
+    def _backend_of(self, report: pytest.TestReport) -> str | None:
+        """The report's backend; its property entry made the one this process shares.
+
+        Under xdist every report reaches the controller as a fresh copy, with its own
+        tuple and strings for ``("concur_backend", "thread")``, and pytest's terminal
+        reporter keeps every report to the end of the session: three copies an item, half
+        a kilobyte, in a session of 10,000 items 5 MB. One shared entry per backend
+        instead (tuples and strings are immutable: nobody can tell).
+        """
+        properties = report.user_properties
+        for index, entry in enumerate(properties):
+            if len(entry) == 2 and entry[0] == BACKEND_PROPERTY:
+                backend = str(entry[1])
+                shared = self._entries.setdefault(backend, (BACKEND_PROPERTY, backend))
+                if entry is not shared and isinstance(entry, tuple):
+                    properties[index] = shared
+                return shared[1]
+        return None
 
     @pytest.hookimpl(optionalhook=True)
     def pytest_xdist_node_collection_finished(self, node: Any, ids: Sequence[str]) -> None:

@@ -256,3 +256,38 @@ def test_junit_xml_has_the_backend_and_findings_of_every_backend_item(
     assert [name for name, _ in deadlock[2:]] == ["concur_detection_ms"]
     assert 0 <= float(deadlock[2][1] or "") < 5000
     assert properties["test_plain"] == []
+
+
+def test_xdist_controller_keeps_one_backend_entry_per_backend(pytester: pytest.Pytester) -> None:
+    # pytest's terminal reporter keeps every report to the end; under xdist each arrives as
+    # a fresh copy, so the controller shares one ("concur_backend", name) entry per backend
+    # instead of keeping three copies an item (benchmarks/soak.py --xdist measures it).
+    pytester.makeconftest(
+        """
+        def pytest_terminal_summary(terminalreporter, config):
+            if hasattr(config, "workerinput"):
+                return
+            entries = [
+                entry
+                for reports in terminalreporter.stats.values()
+                for report in reports
+                for entry in getattr(report, "user_properties", ())
+                if entry[0] == "concur_backend"
+            ]
+            distinct = len({id(entry) for entry in entries})
+            terminalreporter.write_line(f"entries {len(entries)} distinct {distinct}")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread", "asyncio")
+        @pytest.mark.parametrize("n", range(10))
+        def test_it(n):
+            pass
+        """
+    )
+    result = pytester.runpytest_subprocess("-n", "2", "-p", "no:randomly", timeout=120)
+    result.assert_outcomes(passed=20)
+    result.stdout.fnmatch_lines(["entries 60 distinct 2"])
