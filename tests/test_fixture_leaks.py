@@ -697,3 +697,80 @@ def test_check_all_leaves_pytest_asyncio_and_anyio_tests_working(
             "pytest-concur: the test left 1 thread running",
         ]
     )
+
+
+def test_check_all_sees_the_tasks_of_pytest_asyncio_and_anyio_tests(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Their loops are made by their fixtures, before the watch; the tasks the test body
+    # creates on them are still the test's (not the runner's own, nor a fixture's).
+    pytest.importorskip("pytest_asyncio")
+    pytest.importorskip("anyio")
+    monkeypatch.delenv("PYTEST_ADDOPTS")
+    pytester.makeini(
+        FAST + "asyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import asyncio
+        import pytest
+        import pytest_asyncio
+
+        @pytest_asyncio.fixture
+        async def background():
+            task = asyncio.create_task(asyncio.sleep(0.01))
+            yield task
+            await task
+
+        @pytest.mark.asyncio
+        async def test_leaves_a_task():
+            asyncio.create_task(asyncio.sleep(10), name="forgotten")
+
+        @pytest.mark.asyncio(loop_scope="module")
+        async def test_leaves_a_task_on_a_module_loop():
+            asyncio.create_task(asyncio.sleep(10), name="forgotten-too")
+
+        @pytest.mark.asyncio
+        async def test_loses_an_exception():
+            async def boom():
+                raise ValueError("lost")
+            asyncio.create_task(boom())
+            await asyncio.sleep(0.01)
+
+        @pytest.mark.asyncio
+        async def test_awaits_its_tasks(background):
+            await asyncio.gather(asyncio.create_task(asyncio.sleep(0)), background)
+
+        @pytest.fixture(scope="module")
+        def anyio_backend():
+            return "asyncio"
+
+        @pytest.fixture(scope="module")
+        async def shared_runner(anyio_backend):
+            yield
+
+        @pytest.mark.anyio
+        async def test_anyio_leaves_a_task(shared_runner):
+            asyncio.create_task(asyncio.sleep(10), name="anyio-forgotten")
+
+        @pytest.mark.anyio
+        async def test_anyio_awaits_its_task(shared_runner):
+            await asyncio.create_task(asyncio.sleep(0))
+        """
+    )
+    result = pytester.runpytest_subprocess("-v", "--concur-check-all", timeout=TIMEOUT)
+    result.assert_outcomes(passed=2, failed=4)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*::test_leaves_a_task FAILED*",
+            "*::test_leaves_a_task_on_a_module_loop FAILED*",
+            "*::test_loses_an_exception FAILED*",
+            "*::test_awaits_its_tasks PASSED*",
+            "*::test_anyio_leaves_a_task FAILED*",
+            "*::test_anyio_awaits_its_task PASSED*",
+            "  Task 'forgotten' (coroutine=sleep) created at test_*.py:* in test_leaves_a_task",
+            "  Task 'forgotten-too' (coroutine=sleep) created at *",
+            "  Task 'anyio-forgotten' (coroutine=sleep) created at *",
+            "*task 'Task-*' (coroutine=*boom) created at * raised an exception that nobody*",
+        ]
+    )

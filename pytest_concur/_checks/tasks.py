@@ -149,6 +149,7 @@ class _Recording:
         self.coroutines: list[tuple[str, Site]] = []
         self.loops: list[tuple[weakref.ref[Any], Site]] = []
         self._restore: list[Any] = []
+        self._thread: int | None = None
 
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
@@ -164,6 +165,13 @@ class _Recording:
                     loop.set_task_factory(previous_factory)
 
             self._restore.append(restore_factory)
+        else:
+            # No loop runs where the body begins: a plain test under --concur-check-all
+            # that pytest-asyncio or anyio calls, whose loop their fixtures made before
+            # the watch (and which gets no task factory of ours). Tasks created on a loop
+            # that runs in this thread are the body's (see _on_create_task).
+            self._thread = threading.get_ident()
+            self._restore.append(_hooks.listen(_hooks.LOOP_CREATE_TASK, self._on_create_task))
 
         self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._record_loop))
 
@@ -210,7 +218,32 @@ class _Recording:
                     self.tasks.append((task, site))
             return task
 
+        factory.concur_recording = self  # type: ignore[attr-defined]
         return factory
+
+    def _on_create_task(self, loop: Any, task: Any) -> None:
+        """A task created on a loop made before the watch began (pytest-asyncio's, anyio's).
+
+        Recorded when its loop runs in the body's thread and is already running: the
+        plugin's runner creates the test's own task (and anyio its runner task, which
+        outlives the test) before it runs the loop, and those are not the body's. Loops
+        the body made have our task factory, which records their tasks already.
+        """
+        import asyncio
+
+        if (
+            not isinstance(task, asyncio.Task)
+            or threading.get_ident() != self._thread
+            or not loop.is_running()
+            or getattr(loop.get_task_factory(), "concur_recording", None) is self
+        ):
+            return
+        with self.lock:
+            if not self.active:
+                return
+        site = here()
+        with self.lock:
+            self.tasks.append((task, site))
 
     def _record_loop(self, loop: Any, result: None = None) -> None:
         with self.lock:
