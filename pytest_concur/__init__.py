@@ -22,7 +22,8 @@ if typing.TYPE_CHECKING:
         WorkerProcessTraceback,
         WorkerTimeoutError,
     )
-    from pytest_concur._workers import Concur, Worker
+    from pytest_concur._workers._concur import Concur
+    from pytest_concur._workers._worker import Worker
 
 __version__ = "0.1.0.dev0"
 
@@ -54,8 +55,8 @@ _HOMES = {
     "PotentialDeadlockWarning": "pytest_concur._errors",
     "WorkerProcessTraceback": "pytest_concur._errors",
     "WorkerTimeoutError": "pytest_concur._errors",
-    "Concur": "pytest_concur._workers",
-    "Worker": "pytest_concur._workers",
+    "Concur": "pytest_concur._workers._concur",
+    "Worker": "pytest_concur._workers._worker",
 }
 
 

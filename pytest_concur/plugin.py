@@ -20,7 +20,7 @@ from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE, item_began
 from pytest_concur._state import parametrized_backend as _backend_name
 
 if TYPE_CHECKING:
-    from pytest_concur._workers import Concur
+    from pytest_concur._workers._concur import Concur
 
 _RUNNER = pytest.StashKey[Any]()
 # Functions whose backend marker was rejected, by nodeid: the message their items fail with.
@@ -396,9 +396,9 @@ def concur(request: pytest.FixtureRequest) -> Generator[Concur, None, None]:
     child process (``process``) and returns a ``Worker`` to join; ``concur.expect_clean()``
     fails if the code in its block leaves a thread, task or process running.
     """
-    from pytest_concur import _workers
+    from pytest_concur._workers import _check
 
-    yield from _workers.fixture(request)
+    yield from _check.fixture(request)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ def pytest_concur_add_checks(config: pytest.Config) -> Sequence[Check]:
     from pytest_concur._checks.processes import ProcessesCheck
     from pytest_concur._checks.tasks import TasksCheck
     from pytest_concur._checks.threads import ThreadsCheck
-    from pytest_concur._workers import WorkersCheck
+    from pytest_concur._workers._check import WorkersCheck
 
     _allow.from_ini(config)  # a bad ini key is a usage error now, not in the first test
     _where.set_test_files(config.getini("python_files"))  # the reports' test lines

@@ -404,14 +404,14 @@ def record_for(acting: Callable[[], bool]) -> Recording:
     return _OwnerRecording(acting)
 
 
-# -- for the concur fixture (pytest_concur/_workers.py) ---------------------------------------
+# -- for the concur fixture (pytest_concur/_workers/) -----------------------------------------
 
 
 def _claimed(thing: object) -> bool:
     # The concur fixture reports its workers' tasks itself, and expect_clean() what its
     # block left: one report each. Not imported when it never ran: nothing is claimed then.
-    workers = sys.modules.get("pytest_concur._workers")
-    return workers is not None and bool(workers.claimed(thing))
+    claims = sys.modules.get("pytest_concur._workers._claims")
+    return claims is not None and bool(claims.claimed(thing))
 
 
 def recorded(state: Recording) -> list[asyncio.Task[Any]]:
