@@ -638,3 +638,50 @@ def test_garbage_collection_is_not_the_steps_fault(pytester: pytest.Pytester, ba
             "*the event loop was blocked*or collected garbage)*",
         ]
     )
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/proc/thread-self/schedstat"), reason="needs Linux's scheduler statistics"
+)
+@pytest.mark.parametrize("backend", ["thread", "asyncio"])
+def test_a_step_waiting_for_the_gil_its_holder_keeps_is_not_blocking(
+    pytester: pytest.Pytester, backend: str
+) -> None:
+    # What a busy machine does to a harness thread that holds the GIL and is descheduled,
+    # made on purpose: another thread keeps the GIL in a C call that sleeps (a PyDLL call
+    # does not release it). The step only waits for the GIL: not its fault, no failure.
+    # The same step that sleeps itself, for as long, is still found (the second test).
+    pytester.makepyfile(
+        f"""
+        import asyncio, ctypes, threading, time
+        import pytest
+
+        usleep = ctypes.PyDLL(None).usleep
+        usleep.argtypes = [ctypes.c_uint]
+
+        @pytest.mark.backend("{backend}")
+        async def test_waits_for_the_gil():
+            started = threading.Event()
+
+            def hog():
+                started.set()
+                usleep(400_000)  # holding the GIL
+
+            worker = threading.Thread(target=hog)
+            worker.start()
+            started.wait()  # returns once the hog lets the GIL go
+            await asyncio.sleep(0)
+            worker.join()
+
+        @pytest.mark.backend("{backend}")
+        async def test_sleeps_itself():
+            await asyncio.sleep(0)
+            time.sleep(0.4)
+            await asyncio.sleep(0)
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines_random(
+        ["*::test_waits_for_the_gil* PASSED*", "*::test_sleeps_itself* FAILED*"]
+    )

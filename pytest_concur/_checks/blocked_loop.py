@@ -376,6 +376,12 @@ class _Timing:
         # Nor the garbage collector's pauses: a full collection in a long session (many
         # objects alive) can take longer than the threshold, in whichever step it lands.
         held -= _gc_during(state.thread, start, start + elapsed)
+        # Nor waits for the GIL while its holder could not run (see _note_stall): only the
+        # part of them its own thread spent off its CPU, neither running nor runnable.
+        on_cpu = _on_cpu(sched_start, sched_end)
+        if on_cpu is not None and held > self._watch.threshold:
+            off_cpu = max(0.0, elapsed - on_cpu - (waited or 0.0))
+            held -= min(off_cpu, _stalled_during(start, start + elapsed))
         with self._lock:
             looks = state.looks
             if looks is not None and looks[0] == start:
@@ -514,6 +520,67 @@ def _stop_timing(timing: _Timing) -> None:
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(_on_gc)
             _GC_SPANS.clear()
+            _STALLS.clear()
+
+
+# -- the interpreter lock: waits that no step is to blame for ---------------------------
+#
+# A loop's thread that waits for the GIL is off its CPU, as in a blocking call, and its own
+# scheduler statistics do not tell the two apart. On a busy machine another thread can be
+# descheduled while it holds the GIL (a harness's I/O thread, the sampler itself), and the
+# step then "takes" as long as that thread waits for a CPU. The sampler notices: it too
+# needs the GIL to come back from its wait, so it comes back late. Each time it is late by
+# more than _STALL for a reason other than its own wait for a CPU, the span is kept; a step
+# over the threshold is not charged the part of such spans during which its own thread was
+# off its CPU (a step that computes holds the GIL, and is charged in full).
+_STALL = 0.02
+_STALLS: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+
+
+def _note_stall(due: float, back: float, own_wait: float | None) -> None:
+    """The sampler came back at ``back``, due at ``due``, having waited ``own_wait`` for a CPU."""
+    if own_wait is None:  # no scheduler statistics: its lateness may be its own CPU wait
+        return
+    if back - due - own_wait > _STALL:
+        # The span it waited for the GIL, as nearly as one can say: its own CPU wait is
+        # taken off the start.
+        _STALLS.append((due + own_wait, back))
+
+
+def _stalled_during(start: float, end: float) -> float:
+    """Seconds of GIL stalls the sampler saw between ``start`` and ``end``.
+
+    With the one it is in now, if it is overdue: when the GIL's holder lets go, the loop's
+    thread may take it first and judge its step before the sampler is back to say so.
+    """
+    spans = list(_STALLS)
+    sampler = _sampler
+    waiting, native_id = sampler.waiting, sampler.native_id
+    if waiting is not None and native_id is not None and end - waiting[0] > _STALL:
+        due, sched_before = waiting
+        own_wait = _waited(sched_before, _task_schedstat(native_id))
+        if own_wait is not None and end - due - own_wait > _STALL:
+            spans.append((due + own_wait, end))
+    return sum(max(0.0, min(end, stop) - max(start, began)) for began, stop in spans)
+
+
+def _task_schedstat(native_id: int) -> bytes:
+    """Another thread's scheduler statistics (Linux), ``b""`` if it has none or is gone."""
+    try:
+        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stream:
+            return stream.read(64)
+    except OSError:
+        return b""
+
+
+def _on_cpu(start: bytes, end: bytes) -> float | None:
+    """Seconds the thread ran on a CPU in between (field 1 of schedstat); None: unknown."""
+    if not start or not end:
+        return None
+    try:
+        return max(0.0, (int(end.split()[0]) - int(start.split()[0])) / 1e9)
+    except (IndexError, ValueError):  # pragma: no cover - a format we do not know
+        return None
 
 
 # -- garbage collection: pauses that no step is to blame for -----------------------------
@@ -608,7 +675,10 @@ def _waited(start: bytes, end: bytes) -> float | None:
 def measured_as() -> str:
     """How the check measures a step here, for its report."""
     if _schedstat():
-        return "wall time less the time its thread waited for a CPU or collected garbage"
+        return (
+            "wall time less the time its thread waited for a CPU or for a GIL holder that "
+            "could not run, or collected garbage"
+        )
     return "wall time less garbage collection: this platform tells no thread's wait for a CPU"
 
 
@@ -637,6 +707,8 @@ class _Sampler:
         self.done = _real_lock()
         # Held from the thread's start until it runs (see wanted).
         self.started = _real_lock()
+        # While it waits between looks: when it is due back, and its schedstat then.
+        self.waiting: tuple[float, bytes] | None = None
 
     def wanted(self) -> None:
         """A watch began: make sure the sampler runs."""
@@ -680,7 +752,11 @@ class _Sampler:
                         idle_since = now
                     elif now - idle_since > _LINGER:
                         return
-                if self.wake.acquire(timeout=max(timeout, _MIN_TICK)):
+                timeout = max(timeout, _MIN_TICK)
+                due, sched_before = _clock() + timeout, _schedstat()
+                self.waiting = (due, sched_before)  # see _stalled_during
+                if self.wake.acquire(timeout=timeout):
+                    self.waiting = None
                     continue  # woken: stopping
                 timings = _TIMINGS
                 now = _clock()
@@ -688,7 +764,11 @@ class _Sampler:
                 for timing in timings:
                     with contextlib.suppress(Exception):  # a look never ends it
                         wanted = min(wanted, timing.sample(now, sys._current_frames))
-                timeout = wanted - _clock()
+                after = _clock()
+                if after - due > _STALL:
+                    _note_stall(due, after, _waited(sched_before, _schedstat()))
+                self.waiting = None
+                timeout = wanted - after
         finally:
             with self.lock:
                 self.running = False
