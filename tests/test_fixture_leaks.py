@@ -774,3 +774,50 @@ def test_check_all_sees_the_tasks_of_pytest_asyncio_and_anyio_tests(
             "*task 'Task-*' (coroutine=*boom) created at * raised an exception that nobody*",
         ]
     )
+
+
+def test_check_all_sees_a_blocked_loop_of_pytest_asyncio_and_anyio_tests(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("pytest_asyncio")
+    pytest.importorskip("anyio")
+    monkeypatch.delenv("PYTEST_ADDOPTS")
+    pytester.makeini(
+        FAST + "asyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n"
+    )
+    pytester.makepyfile(
+        """
+        import asyncio, time
+        import pytest
+
+        @pytest.mark.asyncio
+        async def test_blocks():
+            await asyncio.sleep(0)
+            time.sleep(0.3)
+
+        @pytest.mark.asyncio
+        async def test_does_not_block():
+            await asyncio.sleep(0.3)
+
+        @pytest.fixture
+        def anyio_backend():
+            return "asyncio"
+
+        @pytest.mark.anyio
+        async def test_anyio_blocks():
+            time.sleep(0.3)
+        """
+    )
+    result = pytester.runpytest_subprocess("-v", "--concur-check-all", timeout=TIMEOUT)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines_random(
+        [
+            "*::test_blocks FAILED*",
+            "*::test_does_not_block PASSED*",
+            "*::test_anyio_blocks FAILED*",
+            "  task '*' running test_blocks() held the event loop for * s in one step, from *",
+            # anyio runs the test inside its runner task: the step is that task's.
+            "  task '*' running TestRunner.*() held the event loop for * s in one step*",
+            "    blocked at *.py:19 in test_anyio_blocks: time.sleep(0.3)",
+        ]
+    )

@@ -252,6 +252,10 @@ class _Timing:
         self._restore: list[Callable[[], None]] = []
 
         loop = asyncio.events._get_running_loop()
+        # No loop runs where the body begins: a loop made before the watch that starts
+        # running in this thread is the body's too (pytest-asyncio's and anyio's, under
+        # --concur-check-all; a fixture's loop that a sync body runs). See adopt.
+        self._adopt_thread: int | None = _get_ident() if loop is None else None
         if loop is not None:
             state = self._loops[loop] = _LoopState()
             self._body_task = asyncio.current_task(loop)
@@ -344,6 +348,13 @@ class _Timing:
             # Copied, not changed in place: the wrapper reads it without the lock.
             self._loops = {**self._loops, loop: _LoopState()}
         _loop_followed()
+
+    def adopt(self, loop: Any) -> _LoopState | None:
+        """Follow ``loop`` if it runs a handle in the thread where the body began."""
+        if _get_ident() != self._adopt_thread:
+            return None
+        self._follow(loop)
+        return self._loops.get(loop)
 
     def follows_a_loop(self) -> bool:
         """Whether a loop runs, or was made, under this watch: then the sampler is wanted.
@@ -856,6 +867,8 @@ def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
             loop = handle._loop
             for timing in timings:
                 state = timing._loops.get(loop)
+                if state is None and timing._adopt_thread is not None:
+                    state = timing.adopt(loop)
                 if state is not None:
                     timing.time(handle, state, original)
                     return
