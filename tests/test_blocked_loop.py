@@ -451,10 +451,10 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
 
         @pytest.mark.backend("asyncio")
         async def test_blocks():
-            from pytest_concur._checks import blocked_loop
+            from pytest_concur._checks import _blocked_sampler
 
             assert asyncio.events.Handle._run is not RUN
-            assert blocked_loop._TIMINGS
+            assert _blocked_sampler._TIMINGS
             time.sleep(0.2)
 
         @pytest.mark.backend("asyncio")
@@ -465,9 +465,9 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
         def test_after():
             # Hooked once for the session, switched off after each body (see _hooks).
             from pytest_concur import _hooks
-            from pytest_concur._checks import blocked_loop
+            from pytest_concur._checks import _blocked_sampler
 
-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_sampler._TIMINGS == ()
             assert _hooks.listening() == []
         """
     )
@@ -519,21 +519,21 @@ def test_the_sampler_is_no_thread_of_the_test_and_is_stopped_before_a_fork(
         """
         import asyncio, os, threading
         import pytest
-        from pytest_concur._checks import blocked_loop
+        from pytest_concur._checks import _blocked_sampler
 
         @pytest.mark.backend("asyncio")
         async def test_forks_while_it_samples():
             await asyncio.sleep(0)
-            sampler = blocked_loop._sampler
+            sampler = _blocked_sampler._sampler
             assert sampler.running
-            assert blocked_loop.sampler_ident() not in {t.ident for t in threading.enumerate()}
+            assert _blocked_sampler.sampler_ident() not in {t.ident for t in threading.enumerate()}
             pid = os.fork()
             if pid == 0:  # what the fork copied: a sampler that had already ended
                 os._exit(0 if not sampler.running else 3)
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
             # Started again in the parent, where the watch still runs.
-            assert blocked_loop._sampler.running
+            assert _blocked_sampler._sampler.running
         """
     )
     result = pytester.runpytest_subprocess(timeout=60)
