@@ -35,6 +35,10 @@ The design, and what it keeps true:
   copy's index; threads started by those threads inherit it). A check's report that names
   a thread still running that a copy started becomes that copy's failure, and goes through
   the grouping like any other; the rest is reported for the item.
+
+Where the parts live: this module says how many copies an item runs and runs them (threads
+or tasks, and who started what while they ran); the copy hooks are ``_stress_hooks``'s, the
+verdict from the copies' outcomes and its section ``_stress_verdict``'s.
 """
 
 from __future__ import annotations
@@ -42,23 +46,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import inspect
-import os
 import sys
 import tempfile
 import threading
-import traceback
-import warnings
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import pluggy
 import pytest
 
-import pytest_concur
-from pytest_concur import _hooks, _locks, _report
+from pytest_concur import _hooks, _locks
 from pytest_concur._errors import DeadlockError
+
+# Handed on: the backends and the plugin import these from here.
+from pytest_concur._stress_hooks import warn_hooks_not_called as warn_hooks_not_called
+from pytest_concur._stress_hooks import with_copy_hooks as with_copy_hooks
+from pytest_concur._stress_verdict import _copies, _with_problem
+from pytest_concur._stress_verdict import add_section as add_section
+from pytest_concur._stress_verdict import combine as combine
 from pytest_concur._watching import check_result, end_watches
 
 if TYPE_CHECKING:
@@ -73,23 +78,11 @@ SERIAL_FIXTURES_INI = "concur_serial_fixtures"
 SWITCH_INTERVAL = 1e-6
 # How long a copy waits at the start barrier for the others before it starts anyway.
 BARRIER_TIMEOUT = 10.0
-SECTION = "pytest-concur: copies"
-
-SETUP_HOOK = "pytest_concur_copy_setup"
-TEARDOWN_HOOK = "pytest_concur_copy_teardown"
-
-_SECTION_TEXT = pytest.StashKey[str]()
 # Items that asked for several copies but ran one, by reason.
 _SERIAL = pytest.StashKey[dict[str, int]]()
 # The index of the copy whose code is running: set in each copy's own context (its thread's
 # or its task's), so that what a copy starts can be traced back to it.
 _COPY_INDEX: contextvars.ContextVar[int] = contextvars.ContextVar("concur_copy_index")
-# Frames of these are left out of a failing copy hook's traceback: they are the machinery.
-_MACHINERY = (
-    os.path.join(os.path.dirname(pluggy.__file__), ""),
-    os.path.join(os.path.dirname(pytest_concur.__file__), ""),
-)
-
 
 # -- how many copies --------------------------------------------------------------------
 
@@ -183,182 +176,6 @@ def _copy_dir(base: Path, index: int) -> Path:
         # A fixture put something of that name there: a fresh name next to it instead.
         path = Path(tempfile.mkdtemp(prefix=f"copy{index}-", dir=base))
     return path
-
-
-# -- the copy hooks ----------------------------------------------------------------------
-
-
-def with_copy_hooks(
-    item: pytest.Item,
-    index: int,
-    count: int,
-    function: Callable[..., Any],
-    ready: Callable[[], object] | None = None,
-) -> Callable[..., Any]:
-    """``function`` as copy ``index`` of ``count``: setup hook, ``ready()``, body, teardown hook.
-
-    ``ready`` waits for the other copies; it is called after the setup hook, so that the
-    copies are let go together however long their setups took, and even when the setup
-    hook failed (the others must not wait for this copy in vain). Resolve this where the
-    item's hooks may be looked up (before the copies start); the wrapper may run anywhere.
-    Without implementations of the hooks nor ``ready``, ``function`` itself comes back.
-    """
-    if not _has_copy_hooks(item.config.hook):
-        # Nothing implements them anywhere: skip the item's own hook proxy, which pytest
-        # builds from the conftest files of its path (the costly part of a lone copy).
-        if ready is None:
-            return function
-        setup = teardown = None
-    else:
-        hooks: Any = item.ihook
-        setup = hooks.pytest_concur_copy_setup
-        teardown = hooks.pytest_concur_copy_teardown
-        if not setup.get_hookimpls() and not teardown.get_hookimpls():
-            if ready is None:
-                return function
-            setup = teardown = None
-
-    def begin() -> BaseException | None:
-        outcome = _call_hook(setup, SETUP_HOOK, item, index, count)
-        if ready is not None:
-            ready()
-        return outcome
-
-    def end(outcome: BaseException | None) -> None:
-        __tracebackhide__ = True  # the plugin's frames are not the user's
-        problem = _call_hook(teardown, TEARDOWN_HOOK, item, index, count)
-        if problem is not None:
-            outcome = _after_teardown(outcome, problem)
-        if outcome is not None:
-            try:
-                raise outcome
-            finally:
-                outcome = None  # no reference cycle through this frame
-
-    if inspect.iscoroutinefunction(function):
-
-        async def copy_async(**kwargs: Any) -> Any:
-            __tracebackhide__ = True  # the plugin's frames are not the user's
-            outcome = begin()
-            result = None
-            if outcome is None:
-                try:
-                    result = await function(**kwargs)
-                except BaseException as exc:  # every outcome, for the teardown hook to see
-                    outcome = exc
-            end(outcome)
-            return result
-
-        return copy_async
-
-    def copy(**kwargs: Any) -> Any:
-        __tracebackhide__ = True  # the plugin's frames are not the user's
-        outcome = begin()
-        result = None
-        if outcome is None:
-            try:
-                result = function(**kwargs)
-            except BaseException as exc:  # every outcome, for the teardown hook to see
-                outcome = exc
-        end(outcome)
-        return result
-
-    return copy
-
-
-def _has_copy_hooks(hooks: Any) -> bool:
-    """Whether the copy hooks have an implementation among ``hooks`` (a hook relay)."""
-    return bool(
-        hooks.pytest_concur_copy_setup.get_hookimpls()
-        or hooks.pytest_concur_copy_teardown.get_hookimpls()
-    )
-
-
-def warn_hooks_not_called(item: pytest.Item, method: str) -> None:
-    """Warn, if ``item`` has copy hooks, that a ``method`` child cannot call them."""
-    if not _has_copy_hooks(item.ihook):
-        return
-    warning = pytest.PytestWarning(
-        f"pytest-concur: {SETUP_HOOK} and {TEARDOWN_HOOK} are not called for tests under "
-        f"the process backend started with {method}: the child has no pytest config nor "
-        "plugins to call them. Use --concur-start-method=fork to have them called, or "
-        "prepare each copy in the test itself (the worker_index fixture tells which copy "
-        "it is)."
-    )
-    # Shown at the test, which is what it is about, rather than at our code.
-    path, lineno, _ = item.reportinfo()
-    warnings.warn_explicit(warning, type(warning), str(path), (lineno or 0) + 1)
-
-
-def _call_hook(
-    caller: Any, name: str, item: pytest.Item, index: int, count: int
-) -> BaseException | None:
-    """Call a copy hook; what the copy ends with if it raised (``None`` if it did not)."""
-    if caller is None:
-        return None
-    try:
-        caller(item=item, worker_index=index, worker_count=count)
-    except (pytest.skip.Exception, pytest.xfail.Exception, pytest.exit.Exception) as exc:
-        return exc  # outcomes the hook asked for: they mean what they mean in a test
-    except (KeyboardInterrupt, SystemExit) as exc:
-        return exc
-    except BaseException as exc:
-        return _hook_failure(name, exc)
-    return None
-
-
-def _after_teardown(outcome: BaseException | None, problem: BaseException) -> BaseException:
-    """What a copy ends with when its teardown hook raised ``problem`` after ``outcome``."""
-    if outcome is None:
-        return problem
-    if isinstance(problem, pytest.fail.Exception):
-        # A failure outranks the body's skip, and joins the body's own failure.
-        return problem if _is_outcome(outcome) else _with_problem(outcome, str(problem))
-    if _is_outcome(problem):
-        return outcome  # a skip never hides what the body did
-    return problem  # pytest.exit, ^C: they end the run, whatever the body did
-
-
-def _hook_failure(name: str, error: BaseException) -> BaseException:
-    """The failure of a copy whose hook raised ``error``: where, the hook's traceback, a fix."""
-    from pytest_concur._checks._where import short_path
-
-    frames = [
-        frame
-        for frame in traceback.extract_tb(error.__traceback__)
-        if not frame.filename.startswith(_MACHINERY)
-    ]
-    where = f" at {short_path(frames[0].filename)}:{frames[0].lineno}" if frames else ""
-    consequence = (
-        "so this copy's body did not run" if name == SETUP_HOOK else "after this copy's body"
-    )
-    lines = [f"pytest-concur: the {name} hook raised{where}, {consequence}:"]
-    for frame in frames:
-        lines.append(f"  {short_path(frame.filename)}:{frame.lineno} in {frame.name}")
-        if frame.line:
-            lines.append(f"    {frame.line}")
-    lines.extend(
-        "  " + line.rstrip() for line in traceback.format_exception_only(type(error), error)
-    )
-    lines.append(
-        f"Fix that {name} implementation (a conftest.py or a plugin defines it): it is "
-        "called for every copy of every test that runs under a backend, so return early "
-        "where it does not apply."
-    )
-    return pytest.fail.Exception("\n".join(lines), pytrace=False)
-
-
-def _with_problem(error: BaseException | None, text: str) -> BaseException:
-    """A copy's outcome with a problem found about it: the failure, or a note on it."""
-    if error is None:
-        return pytest.fail.Exception(text, pytrace=False)
-    if sys.version_info >= (3, 11):
-        error.add_note(f"\npytest-concur also found:\n{text}")
-        return error
-    else:  # pragma: no cover - exercised by the py310 tox env
-        failure = pytest.fail.Exception(f"{error!r}\n\npytest-concur also found:\n{text}")
-        failure.__cause__ = error
-        return failure
 
 
 # -- running the copies -----------------------------------------------------------------
@@ -660,107 +477,3 @@ class _Starts:
             named = list(self._named)
             named.extend((repr(task.get_name()), index) for task, index in self._tasks)
         return sorted({index for name, index in named if name in report})
-
-
-# -- one verdict from N outcomes ----------------------------------------------------------
-
-
-def combine(
-    item: pytest.Item,
-    errors: Sequence[BaseException | None],
-    *,
-    key: Callable[[int], Hashable] | None = None,
-    render: Callable[[int], str] | None = None,
-) -> BaseException | None:
-    """The exception the item ends with, given each copy's (``None`` for a pass).
-
-    ``key(i)`` tells failures apart (default: type, message and the line it was raised
-    at); ``render(i)`` is copy ``i``'s failure as text (default: pytest's rendering). The
-    summary of all copies goes in a section of the report (see :func:`add_section`).
-    """
-    __tracebackhide__ = True  # the plugin's frames are not the user's
-    count = len(errors)
-    key = key or (lambda i: failure_key(errors[i]))
-    render = render or (lambda i: _render(item, errors[i]))
-    for error in errors:
-        if isinstance(error, (pytest.exit.Exception, KeyboardInterrupt, SystemExit)):
-            return error
-    failed = [i for i, e in enumerate(errors) if e is not None and not _is_outcome(e)]
-    outcomes = [i for i, e in enumerate(errors) if e is not None and _is_outcome(e)]
-    passed = [i for i, e in enumerate(errors) if e is None]
-    if not failed and not outcomes:
-        return None
-    lines: list[str] = []
-    if failed:
-        groups: dict[Hashable, list[int]] = {}
-        for i in failed:
-            groups.setdefault(key(i), []).append(i)
-        first, *others = groups.values()
-        lines.append(f"{_copies(first, count)} failed with the error above")
-        for group in others:
-            lines.append(f"{_copies(group, count)} failed with another error:")
-            lines.extend("    " + line for line in render(group[0]).splitlines())
-        primary: BaseException | None = errors[first[0]]
-    else:
-        primary = errors[outcomes[0]]
-    kinds: dict[str, list[int]] = {}
-    for i in outcomes:
-        kinds.setdefault(_outcome_text(errors[i]), []).append(i)
-    for text, group in kinds.items():
-        lines.append(f"{_copies(group, count)} {text}")
-    if passed:
-        lines.append(f"{_copies(passed, count)} passed")
-    assert primary is not None
-    if not failed:
-        # Skipped or xfailed: the reason says which copies (no section is shown for those).
-        if len(kinds) > 1 or passed:
-            reason = getattr(primary, "msg", None) or str(primary)
-            primary.msg = f"{reason} ({'; '.join(lines)})"  # type: ignore[attr-defined]
-        return primary
-    item.stash[_SECTION_TEXT] = "\n".join(lines)
-    return primary
-
-
-def add_section(item: pytest.Item, report: pytest.TestReport) -> None:
-    """Put the summary of the copies under the failure in ``report``, if there is one."""
-    text = item.stash.get(_SECTION_TEXT, None)
-    if text is None:
-        return
-    del item.stash[_SECTION_TEXT]
-    if report.failed:
-        _report.add_section(report, SECTION, text)
-
-
-def failure_key(error: BaseException | None) -> Hashable:
-    """What makes two failures the same: type, message, and the line that raised."""
-    if error is None:
-        return None
-    tb = error.__traceback__
-    site = ""
-    while tb is not None:
-        site = f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
-        tb = tb.tb_next
-    return (type(error).__qualname__, str(error), site)
-
-
-def _render(item: pytest.Item, error: BaseException | None) -> str:
-    assert error is not None
-    excinfo = pytest.ExceptionInfo.from_exception(error)
-    try:
-        return str(item.repr_failure(excinfo))
-    except Exception:  # pragma: no cover - never lose a failure to its rendering
-        return excinfo.exconly()
-
-
-def _is_outcome(error: BaseException) -> bool:
-    return isinstance(error, (pytest.skip.Exception, pytest.xfail.Exception))
-
-
-def _outcome_text(error: BaseException | None) -> str:
-    kind = "xfailed" if isinstance(error, pytest.xfail.Exception) else "skipped"
-    return f"{kind}: {getattr(error, 'msg', None) or error}"
-
-
-def _copies(indexes: Sequence[int], count: int) -> str:
-    word = "copy" if len(indexes) == 1 else "copies"
-    return f"{word} {', '.join(map(str, indexes))} of {count}"

@@ -451,10 +451,10 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
 
         @pytest.mark.backend("asyncio")
         async def test_blocks():
-            from pytest_concur._checks import blocked_loop
+            from pytest_concur._checks import _blocked_sampler
 
             assert asyncio.events.Handle._run is not RUN
-            assert blocked_loop._TIMINGS
+            assert _blocked_sampler._TIMINGS
             time.sleep(0.2)
 
         @pytest.mark.backend("asyncio")
@@ -465,9 +465,9 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
         def test_after():
             # Hooked once for the session, switched off after each body (see _hooks).
             from pytest_concur import _hooks
-            from pytest_concur._checks import blocked_loop
+            from pytest_concur._checks import _blocked_sampler
 
-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_sampler._TIMINGS == ()
             assert _hooks.listening() == []
         """
     )
@@ -519,21 +519,21 @@ def test_the_sampler_is_no_thread_of_the_test_and_is_stopped_before_a_fork(
         """
         import asyncio, os, threading
         import pytest
-        from pytest_concur._checks import blocked_loop
+        from pytest_concur._checks import _blocked_sampler
 
         @pytest.mark.backend("asyncio")
         async def test_forks_while_it_samples():
             await asyncio.sleep(0)
-            sampler = blocked_loop._sampler
+            sampler = _blocked_sampler._sampler
             assert sampler.running
-            assert blocked_loop.sampler_ident() not in {t.ident for t in threading.enumerate()}
+            assert _blocked_sampler.sampler_ident() not in {t.ident for t in threading.enumerate()}
             pid = os.fork()
             if pid == 0:  # what the fork copied: a sampler that had already ended
                 os._exit(0 if not sampler.running else 3)
             _, status = os.waitpid(pid, 0)
             assert os.waitstatus_to_exitcode(status) == 0
             # Started again in the parent, where the watch still runs.
-            assert blocked_loop._sampler.running
+            assert _blocked_sampler._sampler.running
         """
     )
     result = pytester.runpytest_subprocess(timeout=60)
@@ -659,16 +659,25 @@ def test_a_step_waiting_for_the_gil_its_holder_keeps_is_not_blocking(
         usleep = ctypes.PyDLL(None).usleep
         usleep.argtypes = [ctypes.c_uint]
 
+        # A threshold of 0.4 s: the wait is seen from the sampler's first look at the
+        # step (half the threshold at most), and what comes before is the step's.
+        pytestmark = pytest.mark.concur_blocked_loop(0.4)
+
         @pytest.mark.backend("{backend}")
         async def test_waits_for_the_gil():
-            started = threading.Event()
+            ready, go, started = threading.Event(), threading.Event(), threading.Event()
 
             def hog():
+                ready.set()
+                go.wait()
                 started.set()
-                usleep(400_000)  # holding the GIL
+                usleep(1_000_000)  # holding the GIL
 
             worker = threading.Thread(target=hog)
             worker.start()
+            ready.wait()
+            await asyncio.sleep(0)  # the step that waits for the GIL begins
+            go.set()
             started.wait()  # returns once the hog lets the GIL go
             await asyncio.sleep(0)
             worker.join()
@@ -676,7 +685,7 @@ def test_a_step_waiting_for_the_gil_its_holder_keeps_is_not_blocking(
         @pytest.mark.backend("{backend}")
         async def test_sleeps_itself():
             await asyncio.sleep(0)
-            time.sleep(0.4)
+            time.sleep(1.0)
             await asyncio.sleep(0)
         """
     )

@@ -35,30 +35,60 @@ Invariants. The per-loop timing state (``_LoopState``) is only touched from the 
 that runs that loop. The set of followed loops is replaced or added to under the lock
 and only read (one dict lookup) by the wrapper; what was seen is recorded under the lock,
 and nothing is recorded once the watch has ended.
+
+Where the parts live: this module is the check, its watch and the timing of each step
+(:class:`_Timing`, which judges a step and writes the report); ``_blocked_sampler`` holds
+the running watches, the wrapper of ``Handle._run`` and the sampler thread;
+``_blocked_clock`` what a step cost (CPU waits, garbage collection); ``_blocked_sites``
+how a step or callback is named in the report.
 """
 
 from __future__ import annotations
 
-import _thread
-import collections
-import contextlib
 import dataclasses
-import gc
 import math
-import os
-import sys
-import threading
-import time
 from collections.abc import Callable
 from inspect import iscoroutinefunction
-from types import CodeType, CoroutineType, FrameType, GeneratorType
+from types import FrameType
 from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _hooks, _primitives
+from pytest_concur import _hooks
 from pytest_concur._checks import _allow
-from pytest_concur._checks._where import _is_library, callable_name, plural, short_path
+from pytest_concur._checks._blocked_clock import (
+    _clock,
+    _gc_during,
+    _get_ident,
+    _on_cpu,
+    _reader,
+    _schedstat,
+    _waited,
+    measured_as,
+)
+from pytest_concur._checks._blocked_sampler import (
+    _MIN_TICK,
+    _loop_followed,
+    _real_lock,
+    _stalled_during,
+    _start_timing,
+    _stop_timing,
+    _timed_run,
+)
+from pytest_concur._checks._blocked_sites import (
+    _NO_CHAIN,
+    _blocked_at,
+    _Chain,
+    _chain,
+    _coroutine_name,
+    _def_site,
+    _describe_callback,
+    _runs_sync_body,
+    _site,
+    _task_name,
+    _user_frame,
+)
+from pytest_concur._checks._where import callable_name, plural
 
 if TYPE_CHECKING:
     import asyncio
@@ -67,25 +97,10 @@ NAME = "blocked_loop"
 INI = "concur_blocked_loop"
 MARKER = "concur_blocked_loop"
 DEFAULT = 0.1
-# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
-# tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = _primitives.allocate_lock
-_clock = time.perf_counter
-_get_ident = _thread.get_ident
-# The sampler looks for running steps every threshold / 2, within these bounds (seconds),
-# and ends once no watch has run for _LINGER seconds (the next one starts it again).
-_MIN_TICK = 0.005
 # A wait for a CPU shorter than this is not worth a word in the report.
 _SHOWN_WAIT = 0.01
+# The sampler looks at least this often (seconds), however high the threshold.
 _MAX_TICK = 0.25
-_LINGER = 1.0
-# Linux's scheduler statistics of the calling thread: nanoseconds on a CPU, nanoseconds
-# waiting for one (runnable, not running), timeslices (Documentation/scheduler/sched-stats).
-_SCHEDSTAT = "/proc/thread-self/schedstat"
-# Await chains deeper than this are cut (the user's line is almost always in the first few).
-_MAX_CHAIN = 32
-# How far past co_firstlineno (the first decorator) a ``def`` line is looked for.
-_MAX_DECORATOR_LINES = 50
 # Thresholds suggested in the report, a little above the longest step seen.
 _ROUND = (0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
@@ -322,6 +337,11 @@ class _Timing:
             else:
                 continue  # idle, or running a handle of no followed loop
             age = now - start
+            if age < self._threshold / 2:
+                # Back once at half the threshold, only to have come back: a wait for the
+                # GIL that began in the step is then seen from there (_stalled_during).
+                wanted = min(wanted, start + self._threshold / 2)
+                continue
             if age <= self._threshold:
                 wanted = min(wanted, start + self._threshold + _MIN_TICK)
                 continue
@@ -387,8 +407,8 @@ class _Timing:
         # Nor the garbage collector's pauses: a full collection in a long session (many
         # objects alive) can take longer than the threshold, in whichever step it lands.
         held -= _gc_during(state.thread, start, start + elapsed)
-        # Nor waits for the GIL while its holder could not run (see _note_stall): only the
-        # part of them its own thread spent off its CPU, neither running nor runnable.
+        # Nor waits for the GIL while its holder could not run (see _blocked_sampler): only
+        # the part of them its own thread spent off its CPU, neither running nor runnable.
         on_cpu = _on_cpu(sched_start, sched_end)
         if on_cpu is not None and held > self._watch.threshold:
             off_cpu = max(0.0, elapsed - on_cpu - (waited or 0.0))
@@ -501,537 +521,8 @@ class _Timing:
         return _report(offenders, self._watch.threshold)
 
 
-# The timings of the watches that run now (one, but for a body abandoned at its deadline):
-# replaced under the lock, read without it by the wrapper of Handle._run and the sampler.
-_timings_lock = _real_lock()
-_TIMINGS: tuple[_Timing, ...] = ()
-
-
-def _start_timing(timing: _Timing) -> None:
-    global _TIMINGS
-    with _timings_lock:
-        _TIMINGS = (timing, *_TIMINGS)
-    if timing.follows_a_loop():
-        _loop_followed()
-
-
-def _loop_followed() -> None:
-    """A watch follows a loop: the sampler runs, and collections are timed (not blamed)."""
-    with _timings_lock:
-        if _on_gc not in gc.callbacks:
-            gc.callbacks.append(_on_gc)
-    _sampler.wanted()
-
-
-def _stop_timing(timing: _Timing) -> None:
-    global _TIMINGS
-    with _timings_lock:
-        _TIMINGS = tuple(t for t in _TIMINGS if t is not timing)
-        if not _TIMINGS:
-            with contextlib.suppress(ValueError):
-                gc.callbacks.remove(_on_gc)
-            _GC_SPANS.clear()
-            _STALLS.clear()
-
-
-# -- the interpreter lock: waits that no step is to blame for ---------------------------
-#
-# A loop's thread that waits for the GIL is off its CPU, as in a blocking call, and its own
-# scheduler statistics do not tell the two apart. On a busy machine another thread can be
-# descheduled while it holds the GIL (a harness's I/O thread, the sampler itself), and the
-# step then "takes" as long as that thread waits for a CPU. The sampler notices: it too
-# needs the GIL to come back from its wait, so it comes back late. Each time it is late by
-# more than _STALL for a reason other than its own wait for a CPU, the span is kept; a step
-# over the threshold is not charged the part of such spans during which its own thread was
-# off its CPU (a step that computes holds the GIL, and is charged in full).
-_STALL = 0.02
-_STALLS: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
-
-
-def _note_stall(due: float, back: float, own_wait: float | None) -> None:
-    """The sampler came back at ``back``, due at ``due``, having waited ``own_wait`` for a CPU."""
-    if own_wait is None:  # no scheduler statistics: its lateness may be its own CPU wait
-        return
-    if back - due - own_wait > _STALL:
-        # The span it waited for the GIL, as nearly as one can say: its own CPU wait is
-        # taken off the start.
-        _STALLS.append((due + own_wait, back))
-
-
-def _stalled_during(start: float, end: float) -> float:
-    """Seconds of GIL stalls the sampler saw between ``start`` and ``end``.
-
-    With the one it is in now, if it is overdue: when the GIL's holder lets go, the loop's
-    thread may take it first and judge its step before the sampler is back to say so.
-    """
-    spans = list(_STALLS)
-    sampler = _sampler
-    waiting, native_id = sampler.waiting, sampler.native_id
-    if waiting is not None and native_id is not None and end - waiting[0] > _STALL:
-        due, sched_before = waiting
-        own_wait = _waited(sched_before, _task_schedstat(native_id))
-        if own_wait is not None and end - due - own_wait > _STALL:
-            spans.append((due + own_wait, end))
-    return sum(max(0.0, min(end, stop) - max(start, began)) for began, stop in spans)
-
-
-def _task_schedstat(native_id: int) -> bytes:
-    """Another thread's scheduler statistics (Linux), ``b""`` if it has none or is gone."""
-    try:
-        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stream:
-            return stream.read(64)
-    except OSError:
-        return b""
-
-
-def _on_cpu(start: bytes, end: bytes) -> float | None:
-    """Seconds the thread ran on a CPU in between (field 1 of schedstat); None: unknown."""
-    if not start or not end:
-        return None
-    try:
-        return max(0.0, (int(end.split()[0]) - int(start.split()[0])) / 1e9)
-    except (IndexError, ValueError):  # pragma: no cover - a format we do not know
-        return None
-
-
-# -- garbage collection: pauses that no step is to blame for -----------------------------
-#
-# While a watch follows a loop, gc.callbacks tells when each collection starts and stops, in the
-# thread that triggered it; the last few spans of each thread are kept, and a step over
-# the threshold is charged its wall time less the collections that ran in it.
-_GC_STARTED: dict[int, float] = {}
-_GC_SPANS: dict[int, collections.deque[tuple[float, float]]] = {}
-
-
-def _on_gc(phase: str, info: dict[str, int]) -> None:
-    ident = _get_ident()
-    if phase == "start":
-        _GC_STARTED[ident] = _clock()
-        return
-    began = _GC_STARTED.pop(ident, None)
-    if began is None:
-        return
-    spans = _GC_SPANS.get(ident)
-    if spans is None:
-        spans = _GC_SPANS[ident] = collections.deque(maxlen=32)
-    spans.append((began, _clock()))
-
-
-def _gc_during(ident: int | None, start: float, end: float) -> float:
-    """Seconds thread ``ident`` spent collecting garbage between ``start`` and ``end``."""
-    spans = _GC_SPANS.get(ident) if ident is not None else None
-    if not spans:
-        return 0.0
-    return sum(max(0.0, min(end, stop) - max(start, began)) for began, stop in list(spans))
-
-
-# -- what a step consumed: wall time less the time its thread waited for a CPU ------------
-
-
-class _SchedStat:
-    """The calling thread's ``/proc/thread-self/schedstat``, kept open (one per thread)."""
-
-    __slots__ = ("fd",)
-
-    def __init__(self) -> None:
-        try:
-            self.fd = os.open(_SCHEDSTAT, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError:  # not Linux, or no scheduler statistics: wall time it is
-            self.fd = -1
-
-    def read(self) -> bytes:
-        if self.fd < 0:
-            return b""
-        try:
-            return os.pread(self.fd, 64, 0)
-        except OSError:  # pragma: no cover - the kernel refused a file it opened
-            return b""
-
-    def __del__(self) -> None:  # the thread ended (its locals go), or a fork's child
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-_sched_local = threading.local()
-
-
-def _reader() -> _SchedStat:
-    """The calling thread's reader of its scheduler statistics."""
-    reader: _SchedStat | None = getattr(_sched_local, "reader", None)
-    if reader is None:
-        reader = _sched_local.reader = _SchedStat()
-    return reader
-
-
-def _schedstat() -> bytes:
-    """The calling thread's scheduler statistics now, unparsed; ``b""`` where there are none.
-
-    Read before every step of a followed loop (one ``pread``), and after one that took
-    longer than the threshold; parsed only then.
-    """
-    return _reader().read()
-
-
-def _waited(start: bytes, end: bytes) -> float | None:
-    """Seconds the thread was ready to run but waited for a CPU in between; None: unknown."""
-    if not start or not end:
-        return None
-    try:
-        return max(0.0, (int(end.split()[1]) - int(start.split()[1])) / 1e9)
-    except (IndexError, ValueError):  # pragma: no cover - a format we do not know
-        return None
-
-
-def measured_as() -> str:
-    """How the check measures a step here, for its report."""
-    if _schedstat():
-        return (
-            "wall time less the time its thread waited for a CPU or for a GIL holder that "
-            "could not run, or collected garbage"
-        )
-    return "wall time less garbage collection: this platform tells no thread's wait for a CPU"
-
-
-# -- the sampler: which line a step that runs too long is at -----------------------------
-#
-# Only a thread of its own can look at a loop whose thread is busy in the step. It is
-# started with _thread (no threading.Thread: the leak checks, the deadlock check and the
-# process backend's start method see only those; a hang report shows no thread whose frames
-# are all ours), when a watch begins and none runs; it
-# ends once no watch has run for _LINGER seconds, and before every fork (os.register_at_fork:
-# a fork must not copy a thread of ours, and Python 3.12+ warns of one). It takes no lock
-# a body can hold, and never calls threading.current_thread() (that would register it).
-
-
-@final
-class _Sampler:
-    def __init__(self) -> None:
-        self.lock = _real_lock()
-        self.running = False
-        self.stopping = False
-        self.native_id: int | None = None
-        self.ident: int | None = None
-        # Held while the sampler waits between looks: released to wake it early.
-        self.wake = _real_lock()
-        self.wake.acquire()
-        self.done = _real_lock()
-        # Held from the thread's start until it runs (see wanted).
-        self.started = _real_lock()
-        # While it waits between looks: when it is due back, and its schedstat then.
-        self.waiting: tuple[float, bytes] | None = None
-
-    def wanted(self) -> None:
-        """A watch began: make sure the sampler runs."""
-        with self.lock:
-            if self.running or self.stopping:
-                return
-            self.running = True
-            self.done.acquire()
-        self.started.acquire()
-        try:
-            _thread.start_new_thread(self._run, ())
-        except RuntimeError:  # pragma: no cover - no more threads: no lines named
-            self.started.release()
-            with self.lock:
-                self.running = False
-                self.done.release()
-            return
-        # Until the new thread runs, its state has no thread id, and Python 3.14's
-        # faulthandler stops its dump of every thread at such a state: a body that crashed
-        # right after the sampler's start would be reported with none of its frames.
-        if self.started.acquire(timeout=1.0):
-            self.started.release()
-
-    def _run(self) -> None:
-        self.ident = _get_ident()
-        self.native_id = threading.get_native_id()
-        with contextlib.suppress(RuntimeError):  # released by wanted after its timeout
-            self.started.release()
-        idle_since: float | None = None
-        timeout = _MIN_TICK
-        try:
-            while True:
-                timings = _TIMINGS
-                with self.lock:
-                    if self.stopping:
-                        return
-                    now = time.monotonic()
-                    if timings:
-                        idle_since = None
-                    elif idle_since is None:
-                        idle_since = now
-                    elif now - idle_since > _LINGER:
-                        return
-                timeout = max(timeout, _MIN_TICK)
-                due, sched_before = _clock() + timeout, _schedstat()
-                self.waiting = (due, sched_before)  # see _stalled_during
-                if self.wake.acquire(timeout=timeout):
-                    self.waiting = None
-                    continue  # woken: stopping
-                timings = _TIMINGS
-                now = _clock()
-                wanted = now + (min(t.tick for t in timings) if timings else _LINGER / 4)
-                for timing in timings:
-                    with contextlib.suppress(Exception):  # a look never ends it
-                        wanted = min(wanted, timing.sample(now, sys._current_frames))
-                after = _clock()
-                if after - due > _STALL:
-                    _note_stall(due, after, _waited(sched_before, _schedstat()))
-                self.waiting = None
-                timeout = wanted - after
-        finally:
-            with self.lock:
-                self.running = False
-                self.ident = None
-            self.done.release()
-
-    def stop(self) -> None:
-        """Before a fork: end the sampler and wait until its thread is gone."""
-        with self.lock:
-            if not self.running:
-                return
-            self.stopping = True
-            native_id = self.native_id
-        self.wake.release()
-        self.done.acquire()  # it left its loop
-        self.done.release()
-        self.wake.acquire(blocking=False)  # taken back, if it did not take it
-        # The thread's last instructions still run after it released ``done``: wait until
-        # the kernel has it no more (Linux), so that the fork copies no thread of ours.
-        task = f"/proc/self/task/{native_id}"
-        deadline = time.monotonic() + 1.0
-        while native_id is not None and os.path.exists(task) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        with self.lock:
-            self.stopping = False
-
-    def after_fork_in_parent(self) -> None:
-        if any(timing.follows_a_loop() for timing in _TIMINGS):
-            self.wanted()
-
-
-_sampler = _Sampler()
-
-
-def _after_fork_in_child() -> None:
-    global _sampler, _sched_local
-    _sampler = _Sampler()  # the parent's sampler is not in the child
-    _sched_local = threading.local()  # its files are the parent's threads'
-
-
-if hasattr(os, "register_at_fork"):  # POSIX
-    os.register_at_fork(
-        before=lambda: _sampler.stop(),
-        after_in_parent=lambda: _sampler.after_fork_in_parent(),
-        after_in_child=_after_fork_in_child,
-    )
-
-
-def sampler_ident() -> int | None:
-    """The sampler's thread ident while it runs (hang reports leave it out already: all its
-    frames are pytest-concur's)."""
-    return _sampler.ident
-
-
-def _user_frame(frame: FrameType | None) -> tuple[str, int, str] | None:
-    """The innermost frame of the user's code on a stack: (file, line, function)."""
-    while frame is not None:
-        code = frame.f_code
-        if not _is_library(code.co_filename):
-            return code.co_filename, frame.f_lineno, getattr(code, "co_qualname", code.co_name)
-        frame = frame.f_back
-    return None
-
-
-def _blocked_at(looks: dict[tuple[str, int, str], int]) -> str:
-    """The line the sampler found a step at most often, with its source."""
-    import linecache
-
-    (filename, lineno, function), count = max(looks.items(), key=lambda item: item[1])
-    total = sum(looks.values())
-    text = linecache.getline(filename, lineno).strip()
-    where = f"at {short_path(filename)}:{lineno} in {function}" + (f": {text}" if text else "")
-    if total > count:
-        where += f" ({count} of {total} looks)"
-    return where
-
-
-def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
-    """``Handle._run``, timed for the loops a watch follows (installed once, see _hooks)."""
-
-    def _run(handle: Any) -> None:
-        __tracebackhide__ = True  # the plugin's frames are not the user's
-        timings = _TIMINGS
-        if timings:
-            loop = handle._loop
-            for timing in timings:
-                state = timing._loops.get(loop)
-                if state is None and timing._adopt_thread is not None:
-                    state = timing.adopt(loop)
-                if state is not None:
-                    timing.time(handle, state, original)
-                    return
-        original(handle)
-
-    return _run
-
-
 def _nothing() -> None:
     """Queued at ``begin`` so the loop runs a handle right after the body's first step."""
-
-
-# An await chain as noted before a step: each frame with its f_lasti then (reading
-# f_lineno would cost a walk of the line table per frame, on every step).
-_Chain = list[tuple[FrameType, int]]
-_NO_CHAIN: _Chain = []
-
-
-def _chain(coro: Any) -> _Chain:
-    """Each frame of a coroutine's await chain with the offset it stands at, outermost first.
-
-    Called before every step of a followed loop: it formats nothing, and the frames are
-    dropped when the step is over (a suspended coroutine keeps them alive anyway).
-    """
-    found: _Chain = []
-    while len(found) < _MAX_CHAIN:
-        kind = type(coro)
-        if kind is CoroutineType:
-            frame = coro.cr_frame
-            following = coro.cr_await
-        elif kind is GeneratorType:  # a generator-based coroutine, as asyncio.sleep(0) uses
-            frame = coro.gi_frame
-            following = coro.gi_yieldfrom
-        else:
-            break  # a future, or something we cannot look into
-        if frame is None:
-            break  # finished
-        found.append((frame, frame.f_lasti))
-        coro = following
-    return found
-
-
-def _site(chain: _Chain, *, before: bool) -> str | None:
-    """Where the user's code stood in an await chain, before or after a step.
-
-    The innermost frame of user code, as ``file:line``; when that is a coroutine the task's
-    own awaits, the line of the task's own coroutine is added, as the blocking call is
-    often there, between the two calls.
-    """
-    user = [(frame, lasti) for frame, lasti in chain if not _is_library(frame.f_code.co_filename)]
-    if not user:
-        return None
-    frame, lasti = user[-1]
-    code = frame.f_code
-    if before and _unstarted(code, lasti):
-        return f"its start ({_def_site(code.co_filename, code.co_firstlineno)})"
-    text = _frame_site(frame, lasti)
-    outer, outer_lasti = user[0]
-    if outer is not frame:
-        name = getattr(code, "co_qualname", code.co_name)
-        text += f" in {name}() (called at {_frame_site(outer, outer_lasti)})"
-    return text
-
-
-def _frame_site(frame: FrameType, lasti: int) -> str:
-    lineno = _line_at(frame.f_code, lasti) if lasti >= 0 else None
-    return f"{short_path(frame.f_code.co_filename)}:{lineno or frame.f_lineno}"
-
-
-def _unstarted(code: CodeType, lasti: int) -> bool:
-    """Whether a coroutine frame at ``lasti`` has not run yet (before its first RESUME)."""
-    if lasti < 0:
-        return True  # 3.10
-    import dis
-
-    for instruction in dis.get_instructions(code):
-        if instruction.opname == "RESUME":  # 3.11+: the first one is where a frame starts
-            return lasti < instruction.offset
-    return False
-
-
-def _line_at(code: CodeType, lasti: int) -> int | None:
-    """The line of the instruction at byte offset ``lasti`` (what f_lineno said then)."""
-    for start, stop, lineno in code.co_lines():
-        if start <= lasti < stop:
-            return lineno
-    return None
-
-
-def _def_site(filename: str, first_line: int) -> str:
-    """``file:line`` of a function's ``def``, past its decorators (``co_firstlineno``)."""
-    import linecache
-
-    if not filename:
-        return "an unknown place"
-    lineno = first_line
-    for offset in range(_MAX_DECORATOR_LINES):
-        text = linecache.getline(filename, first_line + offset).lstrip()
-        if text.startswith(("def ", "async def ")):
-            lineno = first_line + offset
-            break
-        if not text:
-            break  # no source to read: keep the first line
-    return f"{short_path(filename)}:{lineno}"
-
-
-def _runs_sync_body(task: asyncio.Task[Any], body_task: asyncio.Task[Any] | None) -> bool:
-    """Whether ``task`` is pytest-concur's own task that calls a sync body."""
-    if task is body_task:
-        return True
-    code = getattr(task.get_coro(), "cr_code", None)
-    return code is not None and _is_pytest_concur(code.co_filename)
-
-
-def _coroutine_name(task: asyncio.Task[Any], body_name: str) -> str:
-    """The user's coroutine the task runs, past pytest-concur's and asyncio's own."""
-    coro: Any = task.get_coro()
-    top = coro
-    while coro is not None:
-        code = getattr(coro, "cr_code", None) or getattr(coro, "gi_code", None)
-        if code is not None and not _is_library(code.co_filename):
-            return str(getattr(coro, "__qualname__", None) or code.co_name)
-        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
-    code = getattr(top, "cr_code", None)
-    if code is not None and _is_pytest_concur(code.co_filename):
-        # pytest-concur's task that awaits the body (or a stress-mode copy of it), whose
-        # coroutine has finished by now.
-        return body_name
-    return str(getattr(top, "__qualname__", None) or type(top).__name__)
-
-
-def _is_pytest_concur(filename: str) -> bool:
-    import pytest_concur
-
-    return filename.startswith(pytest_concur.__path__[0])
-
-
-def _task_name(task: asyncio.Task[Any]) -> str:
-    # 3.13 may leave a task unnamed (get_name() is None) until someone names it.
-    return task.get_name() or f"Task at 0x{id(task):x}"
-
-
-def describe_callable(callback: Any) -> tuple[str, str]:
-    """The name of a callback and ``file:line`` of its definition ("" if it has none)."""
-    function = callback
-    while hasattr(function, "func"):  # functools.partial
-        function = function.func
-    function = getattr(function, "__func__", function)  # a bound method
-    code = getattr(function, "__code__", None)
-    site = f"{short_path(code.co_filename)}:{code.co_firstlineno}" if code is not None else ""
-    return callable_name(function), site
-
-
-def _describe_callback(callback: Any) -> tuple[tuple[str, ...], str, str]:
-    """Key, name and definition site of a plain callback."""
-    name, site = describe_callable(callback)
-    owner = getattr(callback, "__self__", None)
-    protocol = getattr(owner, "_protocol", None)
-    if protocol is not None:
-        # A transport's callback runs the user's protocol (data_received and the like).
-        name = f"{name} (for protocol {type(protocol).__qualname__})"
-    who = f"callback {name}" + (f" (defined at {site})" if site else "")
-    return ("callback", name, site), who, ""
 
 
 def _seconds_text(seconds: float) -> str:

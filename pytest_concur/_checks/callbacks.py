@@ -34,6 +34,7 @@ from typing import Any, final
 
 from pytest_concur import _hooks
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
+from pytest_concur._checks._blocked_sites import describe_callable
 from pytest_concur._checks._where import (
     UNKNOWN,
     Site,
@@ -42,7 +43,6 @@ from pytest_concur._checks._where import (
     here,
     plural,
 )
-from pytest_concur._checks.blocked_loop import describe_callable
 
 NAME = "callbacks"
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a

@@ -66,7 +66,7 @@ class ProcessesCheck(LeakCheck):
     def watch(self, item: pytest.Item) -> LeakWatch | None:
         watch = super().watch(item)
         if isinstance(watch, ProcessesWatch):
-            from pytest_concur._checks.threads import body_of
+            from pytest_concur._checks._reach import body_of
 
             watch.body = body_of(item)
         return watch

@@ -26,21 +26,19 @@ default executor belong to the loop, which its owner shuts down when it closes i
 of process pools and multiprocessing queues belong to the ``processes`` check.
 
 Invariant: the recording state is only touched under its own lock; the GIL is not relied on.
+
+Where the parts live: this module records, follows fixtures' lineages and judges;
+``_reach`` walks what a fixture's value reaches (ownership by object), ``_thread_kinds``
+tells the threads no test answers for (process-wide caches, pools' own threads).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import fnmatch
 import functools
-import inspect
-import itertools
 import os
 import sys
 import threading
 import traceback
-import types
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
@@ -52,6 +50,14 @@ import pytest
 import pytest_concur
 from pytest_concur import _hooks, _primitives
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording, later_for
+from pytest_concur._checks._reach import _BUDGET, Body, _bound_to, _reaches, body_of
+from pytest_concur._checks._thread_kinds import (
+    _belongs_to_processes,
+    _executor_of,
+    _is_loop_executor,
+    _loop_executor,
+    _process_wide,
+)
 from pytest_concur._checks._where import (
     Site,
     callable_name,
@@ -412,44 +418,14 @@ def acting_for_a_fixture() -> bool:
 # to) belongs to that fixture. An object is the fixture's when it is the fixture's value or
 # reachable from it in a few steps (attributes, slots, containers, bound methods): what the
 # fixture made and kept. What a test body builds itself reaches no fixture's value, so a
-# body that abandons its own worker is still the body's fault.
+# body that abandons its own worker is still the body's fault. The walk of what a fixture's
+# value reaches is ``_reach``'s.
 
-# Steps from a fixture's value, and objects looked at in all, per start: a bound on the cost
-# of a start while fixtures are live (a big graph is cut short, and its far objects are then
-# taken for the body's: a report, never a silenced leak).
-_DEPTH = 3
-_BUDGET = 1000
 # Frames never acting for a user's object: ours and pytest's machinery around the body.
 _MACHINERY = tuple(
     os.path.join(os.path.dirname(module.__file__ or ""), "")
     for module in (pytest_concur, pluggy, _pytest)
 )
-_LEAVES = (
-    str,
-    bytes,
-    bytearray,
-    int,
-    float,
-    complex,
-    type(None),
-    type,
-    types.ModuleType,
-    types.FunctionType,
-    types.BuiltinFunctionType,
-    types.CodeType,
-    types.FrameType,
-)
-
-
-# A test function's code, as (file, first line): plain data, a watch may be pickled.
-Body = tuple[str, int]
-
-
-def body_of(item: pytest.Item) -> Body | None:
-    """The code of ``item``'s test function, where the starting stack stops being its own."""
-    function = getattr(item, "obj", None)
-    code = getattr(inspect.unwrap(function), "__code__", None) if callable(function) else None
-    return None if code is None else (code.co_filename, code.co_firstlineno)
 
 
 def owner_of(things: tuple[object, ...] = (), body: Body | None = None) -> Lineage | None:
@@ -489,66 +465,6 @@ def owner_of(things: tuple[object, ...] = (), body: Body | None = None) -> Linea
         if _reaches(values, candidates, budget):
             return lineage
     return None
-
-
-def _reaches(roots: list[object], targets: dict[int, object], budget: list[int]) -> bool:
-    seen: set[int] = set()
-    layer = roots
-    for _ in range(_DEPTH + 1):
-        below: list[object] = []
-        for thing in layer:
-            budget[0] -= 1  # every object looked at counts, a leaf too
-            if budget[0] < 0:
-                return False
-            if isinstance(thing, _LEAVES) or id(thing) in seen:
-                continue
-            if id(thing) in targets:
-                return True
-            seen.add(id(thing))
-            below.extend(_parts(thing))
-        layer = below
-    return False
-
-
-def _parts(thing: object) -> list[object]:
-    """What ``thing`` holds, read without running its code (no properties, no __getattr__)."""
-    cls: Any = type(thing)  # (typed as object's type, mypy takes it for unhashable)
-    try:
-        if isinstance(thing, dict):
-            return list(itertools.islice(thing.values(), _BUDGET))
-        if isinstance(thing, (list, tuple, set, frozenset, collections.deque)):
-            return list(itertools.islice(thing, _BUDGET))
-        if isinstance(thing, types.MethodType):
-            return [thing.__self__]
-        if isinstance(thing, weakref.ref):
-            return [thing()]
-        parts: list[object] = []
-        if cls.__dictoffset__:  # instances have a __dict__
-            mapping = object.__getattribute__(thing, "__dict__")
-            parts.extend(itertools.islice(mapping.values(), _BUDGET))
-        for slot in _slots(cls):
-            with contextlib.suppress(AttributeError):  # an empty slot
-                parts.append(object.__getattribute__(thing, slot))
-        return parts
-    except (AttributeError, TypeError, RuntimeError):
-        # No __dict__ after all, or one changed while we read it (another thread).
-        return []
-
-
-@functools.lru_cache(maxsize=512)
-def _slots(cls: type) -> tuple[str, ...]:
-    names: list[str] = []
-    for klass in cls.__mro__:
-        declared = klass.__dict__.get("__slots__", ())
-        names.extend([declared] if isinstance(declared, str) else declared)
-    return tuple(name for name in names if name not in ("__dict__", "__weakref__"))
-
-
-def _bound_to(target: object) -> tuple[object, ...]:
-    """The object a thread's target is a method of (through functools.partial), if any."""
-    target = getattr(target, "func", target)  # functools.partial
-    owner = getattr(target, "__self__", None)
-    return () if owner is None or isinstance(owner, types.ModuleType) else (owner,)
 
 
 def started_for_a_fixture(thread: threading.Thread) -> Site | None:
@@ -609,68 +525,12 @@ def _running(
     return leaked, pools
 
 
-def _is_loop_executor(executor: object) -> bool:
-    # asyncio names the workers of every loop's default executor so (3.9+); the loop's
-    # owner shuts it down when it closes the loop.
-    return str(getattr(executor, "_thread_name_prefix", "")).startswith("asyncio")
-
-
 def _is_deadlock_error(exc: BaseException | None) -> bool:
     # The deadlock check raises it in threads to unblock them, and reports the deadlock
     # itself; the hook it installed before ours keeps quiet about it.
     from pytest_concur._errors import DeadlockError
 
     return isinstance(exc, DeadlockError)
-
-
-# Idle worker threads that libraries keep process-wide, by design, for whoever needs one
-# next (like asyncio's default executor, which its loop owns): whichever test first made
-# the library start one is not at fault. As ``module.qualname`` of what the thread runs.
-PROCESS_WIDE_CACHES = (
-    # trio.to_thread.run_sync (and anyio's trio backend): idle for 10 s, then exits.
-    "trio._core._thread_cache.*",
-    # anyio.to_thread.run_sync on asyncio: idle for 10 s, stopped with the event loop.
-    "anyio._backends._asyncio.WorkerThread.*",
-)
-
-
-def _process_wide(thread: threading.Thread) -> bool:
-    runs: Any = getattr(thread, "_target", None) or type(thread).run
-    runs = getattr(runs, "__func__", runs)
-    name = f"{getattr(runs, '__module__', '')}.{getattr(runs, '__qualname__', '')}"
-    return any(fnmatch.fnmatchcase(name, pattern) for pattern in PROCESS_WIDE_CACHES)
-
-
-def _belongs_to_processes(thread: threading.Thread) -> bool:
-    # Handler threads of multiprocessing.Pool, feeder threads of multiprocessing queues and
-    # ProcessPoolExecutor's manager live as long as their pool: the processes check reports
-    # the pool.
-    target = getattr(thread, "_target", None)
-    module = getattr(target, "__module__", None) or type(thread).__module__
-    return module.startswith(("multiprocessing", "concurrent.futures.process"))
-
-
-def _executor_of(thread: threading.Thread) -> Any:
-    """The ThreadPoolExecutor a worker thread serves, if it is one and it still exists."""
-    target = getattr(thread, "_target", None)
-    if getattr(target, "__module__", None) != "concurrent.futures.thread":
-        return None
-    args = getattr(thread, "_args", ())
-    reference = args[0] if args else None
-    return reference() if isinstance(reference, weakref.ref) else None
-
-
-def _loop_executor() -> object:
-    """The default executor of the loop running in this thread: its owner closes it."""
-    if "asyncio" not in sys.modules:
-        return None
-    import asyncio
-
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-    return getattr(loop, "_default_executor", None)
 
 
 # What a report of leftovers judged after the item's teardown adds: no fixture stopped them.
