@@ -8,8 +8,10 @@ instead). A thread blocked in C code keeps waiting; ``_shutdown`` then keeps it 
 holding the interpreter open at exit. The HangError a thread dies of is kept from the
 thread-exception hooks, however late it lands (:func:`_quiet`).
 
-Invariant: like the report, this runs in a signal handler in the main thread; it takes no
-lock of the plugin's and bounds its wait for the threads (half a second in all).
+Invariant: like the report, this runs in a signal handler in the main thread and bounds
+its wait for the threads (half a second in all). Abandoning the tracker's waits takes no
+lock; the one lock it takes is ``_locks``' own short table lock of the threads left behind
+(:func:`pytest_concur._locks.note_left_behind`).
 """
 
 from __future__ import annotations
