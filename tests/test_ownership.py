@@ -6,9 +6,8 @@ worker-thread caches of libraries), while what a test or a fixture abandons is s
 from __future__ import annotations
 
 import pytest
-
-TIMEOUT = 60
-FAST = "[pytest]\nconcur_leak_grace = 0.2\n"
+from _helpers import FAST
+from _helpers import run_fresh as run
 
 # Every test of this module holds both for plain tests checked with --concur-check-all and
 # for tests that run under the in-process backends. (Under `process` the body runs in a
@@ -52,10 +51,6 @@ def worker():
     yield worker
     worker.join()
 """
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
 
 
 def run_module(
