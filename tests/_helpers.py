@@ -11,6 +11,9 @@ from collections.abc import Callable
 
 import pytest
 
+# The built-in backends, in the order the tests that hold for all of them run them.
+BACKENDS = ("thread", "process", "asyncio")
+
 # The outer limit on an inner run in a fresh interpreter: a regression that hangs the inner
 # session fails its test here instead of hanging the suite.
 TIMEOUT = 60
