@@ -381,7 +381,8 @@ def test_a_thread_workers_threads_are_what_they_are_in_a_plain_run(
             assert concur.start(start_one).result(timeout=10) == (False, False)
         """
     )
-    run(pytester).assert_outcomes(passed=2)
+    # Threads and tasks only, each joined: inline.
+    pytester.runpytest().assert_outcomes(passed=2)
 
 
 def test_cancel_stops_each_kind_of_worker(pytester: pytest.Pytester) -> None:
@@ -502,7 +503,8 @@ def test_copies(concur, worker_index):
     assert concur.start(add, worker_index, 1).result(timeout=10) == worker_index + 1
 """
     )
-    run(pytester).assert_outcomes(passed=2)
+    # Threads and tasks only, each joined: inline.
+    pytester.runpytest().assert_outcomes(passed=2)
 
 
 # -- expect_clean() ---------------------------------------------------------------------------
