@@ -17,6 +17,7 @@ import subprocess  # noqa: F401
 from collections.abc import Callable
 
 import pytest
+from _helpers import BACKENDS
 
 import pytest_concur
 
@@ -28,8 +29,6 @@ for _module in pkgutil.walk_packages(pytest_concur.__path__, "pytest_concur."):
     importlib.import_module(_module.name)
 
 pytest_plugins = ["pytester"]
-
-BACKENDS = ("thread", "process", "asyncio")
 
 
 @pytest.fixture(params=BACKENDS)

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-TIMEOUT = 60
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
+from _helpers import run_fresh as run
 
 
 def test_exception_in_a_thread_fails_the_test_with_its_traceback(

@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from _helpers import run_maybe_fresh
 
 # The threshold it suggests depends on how long the step took: not checked.
 HINT = (
@@ -25,9 +26,7 @@ HINT = (
 
 def run(pytester: pytest.Pytester, backend: str, *args: str) -> pytest.RunResult:
     """Inline, except for the process backend, which forks: that one in a fresh interpreter."""
-    if backend == "process":
-        return pytester.runpytest_subprocess(*args, timeout=60)
-    return pytester.runpytest(*args)
+    return run_maybe_fresh(pytester, backend == "process", *args)
 
 
 def held_for(result: pytest.RunResult) -> list[float]:

@@ -11,14 +11,14 @@ from __future__ import annotations
 import sys
 
 import pytest
+from _helpers import NO_RANDOMLY, runner
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="children are read from /proc"
 )
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("--timeout=20", "-p", "no:randomly", *args, timeout=90)
+run = runner("--timeout=20", *NO_RANDOMLY, timeout=90)
 
 
 STUCK = """

@@ -6,11 +6,10 @@ import re
 from collections.abc import Callable
 
 import pytest
+from _helpers import BACKENDS
 
 pytest.importorskip("pytest_asyncio")
 pytest.importorskip("anyio")
-
-BACKENDS = ("thread", "process", "asyncio")
 
 # Each suite appends one line per body run to RUNS (the file named by CONCUR_RUNS), so that a
 # body run twice, or never, shows.

@@ -12,12 +12,9 @@ import sys
 import threading
 
 import pytest
+from _helpers import NO_RANDOMLY, runner
 
-SAFETY_NET = ("--timeout=20", "-p", "no:randomly")
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*SAFETY_NET, *args, timeout=60)
+run = runner("--timeout=20", *NO_RANDOMLY)
 
 
 TWO_LOCKS = """

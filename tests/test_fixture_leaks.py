@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from _helpers import FAST, run_fresh, run_maybe_fresh
 
 # Inner runs that leave threads or processes behind run in a fresh interpreter, with a
-# limit, so a leftover never touches this process and a hang never hangs the suite.
-TIMEOUT = 60
-FAST = "[pytest]\nconcur_leak_grace = 0.2\n"
+# limit (_helpers.run_fresh), so a leftover never touches this process and a hang never
+# hangs the suite.
 
 # A conftest.py whose fixtures start things; the line numbers below are part of the tests.
 SERVERS = """
@@ -38,9 +38,7 @@ def tidy_server():
 def run(pytester: pytest.Pytester, *args: str, fresh: bool = False) -> pytest.RunResult:
     """Run inline, or in a fresh interpreter with a limit when the run forks or starts
     children (the threads the inner tests leave are daemons that their last test stops)."""
-    if fresh:
-        return pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
-    return pytester.runpytest(*args)
+    return run_maybe_fresh(pytester, fresh, *args)
 
 
 def test_thread_a_fixture_leaves_running_is_an_error_at_its_teardown(
@@ -687,7 +685,7 @@ def test_check_all_leaves_pytest_asyncio_and_anyio_tests_working(
             await asyncio.sleep(0)
         """
     )
-    result = pytester.runpytest_subprocess("-v", "--concur-check-all", timeout=TIMEOUT)
+    result = run_fresh(pytester, "-v", "--concur-check-all")
     result.assert_outcomes(passed=2, failed=1)
     result.stdout.fnmatch_lines_random(
         [

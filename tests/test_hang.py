@@ -10,10 +10,9 @@ import os
 import sys
 
 import pytest
+from _helpers import NO_RANDOMLY, runner
 
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "no:randomly", *args, timeout=60)
+run = runner(*NO_RANDOMLY)
 
 
 BUSY = """

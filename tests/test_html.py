@@ -9,6 +9,7 @@ import subprocess
 from html.parser import HTMLParser
 
 import pytest
+from _helpers import run_maybe_fresh
 
 DEADLOCK = """
     import threading
@@ -77,10 +78,9 @@ class _Drawing(HTMLParser):
 
 def run(pytester: pytest.Pytester, *args: str) -> tuple[pytest.RunResult, pathlib.Path]:
     pytester.makepyfile(test_bank=DEADLOCK)
-    if "-n" in args:
-        result = pytester.runpytest_subprocess("--concur-html=out/report.html", *args, timeout=120)
-    else:
-        result = pytester.runpytest("--concur-html=out/report.html", *args)
+    result = run_maybe_fresh(
+        pytester, "-n" in args, "--concur-html=out/report.html", *args, timeout=120
+    )
     result.assert_outcomes(failed=3, passed=2)
     page = pytester.path / "out" / "report.html"
     result.stdout.fnmatch_lines(["*= pytest-concur summary =*", f"written: {page}"])

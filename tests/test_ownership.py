@@ -6,9 +6,8 @@ worker-thread caches of libraries), while what a test or a fixture abandons is s
 from __future__ import annotations
 
 import pytest
-
-TIMEOUT = 60
-FAST = "[pytest]\nconcur_leak_grace = 0.2\n"
+from _helpers import FAST, run_maybe_fresh
+from _helpers import run_fresh as run
 
 # Every test of this module holds both for plain tests checked with --concur-check-all and
 # for tests that run under the in-process backends. (Under `process` the body runs in a
@@ -54,19 +53,22 @@ def worker():
 """
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
-
-
 def run_module(
-    pytester: pytest.Pytester, mode: tuple[str, ...], conftest: str | None, module: str
+    pytester: pytest.Pytester,
+    mode: tuple[str, ...],
+    conftest: str | None,
+    module: str,
+    *,
+    fresh: bool = True,
 ) -> pytest.RunResult:
-    """Run a test module (with a conftest.py) in a fresh interpreter, in one mode."""
+    """Run a test module (with a conftest.py) in one mode: in a fresh interpreter, or inline
+    (``fresh=False``) for a correct suite, which joins every thread it starts and leaves
+    nothing behind in this process."""
     pytester.makeini(FAST)
     if conftest is not None:
         pytester.makeconftest(conftest)
     pytester.makepyfile(module)
-    return run(pytester, *mode)
+    return run_maybe_fresh(pytester, fresh, *mode)
 
 
 @pytest.fixture
@@ -99,6 +101,7 @@ def test_worker_a_fixtures_object_starts_lazily_is_the_fixtures(
         def test_second_use(worker):
             assert worker.call() == 42
         """,
+        fresh=False,
     )
     result.assert_outcomes(passed=2)
     result.stdout.no_fnmatch_line("*pytest-concur: *")
@@ -133,6 +136,7 @@ def test_worker_of_an_object_held_by_a_fixtures_value_is_the_fixtures(
         def test_get(client):
             assert client.get() == 42
         """,
+        fresh=False,
     )
     result.assert_outcomes(passed=1)
 
@@ -299,6 +303,7 @@ def test_what_a_cleanup_fixture_torn_down_later_stops_is_no_leak(
         def test_generator_fixture_yields_started_actors(pair, refs):
             Actor("body-3")
         """,
+        fresh=False,
     )
     result.assert_outcomes(passed=3)
     result.stdout.no_fnmatch_line("*pytest-concur: *")

@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 
 import pytest
+from _helpers import NO_RANDOMLY, runner
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork"), reason="POSIX only for now")
 
 ALL = '"thread", "process", "asyncio"'
 
 
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess("-p", "no:randomly", *args, timeout=120)
+run = runner(*NO_RANDOMLY, timeout=120)
 
 
 def test_base_exception_subclass_fails_its_test(pytester: pytest.Pytester) -> None:

@@ -7,6 +7,7 @@ import pathlib
 from typing import Any
 
 import pytest
+from _helpers import run_maybe_fresh
 
 from pytest_concur import _summary
 
@@ -128,10 +129,7 @@ def test_the_report_matches_its_schema_and_says_what_ran(
 ) -> None:
     pytester.makepyfile(TESTS)
     args = ["--concur-report=out/report.json", "-o", "concur_leak_grace=0.2", *xdist]
-    if xdist:
-        result = pytester.runpytest_subprocess(*args, timeout=120)
-    else:
-        result = pytester.runpytest(*args)
+    result = run_maybe_fresh(pytester, bool(xdist), *args, timeout=120)
     result.assert_outcomes(passed=3, failed=3, skipped=1)
     document = json.loads((pytester.path / "out" / "report.json").read_text(encoding="utf-8"))
     assert problems(document, schema(), schema()) == []

@@ -8,12 +8,9 @@ found by the tracker, not by the deadline; pytest-timeout is the safety net of t
 from __future__ import annotations
 
 import pytest
+from _helpers import NO_RANDOMLY, runner
 
-SAFETY_NET = ("--timeout=60", "-p", "no:randomly", "--concur-timeout=30")
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*SAFETY_NET, *args, timeout=120)
+run = runner("--timeout=60", *NO_RANDOMLY, "--concur-timeout=30", timeout=120)
 
 
 # Two tests on a pair of locks: two threads that take them in opposite orders (a deadlock),

@@ -8,6 +8,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from _helpers import run_maybe_fresh
 
 
 def test_copies_get_their_own_index_and_share_fixtures(
@@ -765,6 +766,4 @@ def test_copy_hooks_are_not_called_in_spawned_children_and_say_so(
 
 def _run(pytester: pytest.Pytester, backend_name: str) -> pytest.RunResult:
     """In a subprocess where the backend forks, else inline (faster)."""
-    if backend_name == "process":
-        return pytester.runpytest_subprocess("--timeout=20", timeout=60)
-    return pytester.runpytest()
+    return run_maybe_fresh(pytester, backend_name == "process", "--timeout=20")

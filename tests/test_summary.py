@@ -5,6 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 
 import pytest
+from _helpers import run_maybe_fresh
 
 MIXED = """
     import threading
@@ -42,9 +43,8 @@ MIXED = """
 
 
 def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    if "-n" in args:  # xdist's workers are processes of their own: no inline run
-        return pytester.runpytest_subprocess(*args, timeout=120)
-    return pytester.runpytest(*args)
+    # xdist's workers are processes of their own: no inline run
+    return run_maybe_fresh(pytester, "-n" in args, *args, timeout=120)
 
 
 # Under -n 2 what the summary says reaches the controller only through the reports.

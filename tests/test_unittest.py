@@ -6,8 +6,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-
-BACKENDS = ("thread", "process", "asyncio")
+from _helpers import BACKENDS
 
 SUITE = """
 import asyncio

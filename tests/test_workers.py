@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from _helpers import FAST
+from _helpers import run_fresh as run
 
 # Tests whose workers run in threads and processes run pytest in a fresh interpreter, with a
-# limit, so a leftover never touches this process and a hang never hangs the suite.
-TIMEOUT = 60
-# A short grace period keeps the tests of what is left running fast.
-FAST = "[pytest]\nconcur_leak_grace = 0.2\n"
+# limit (_helpers.run_fresh), so a leftover never touches this process and a hang never
+# hangs the suite.
+
 # Each behaviour that holds for every backend is run under all three in one inner session:
 # one interpreter per test instead of three keeps this file fast. Process first: threads
 # that earlier items leave behind would make the process backend use forkserver, not fork.
@@ -42,10 +43,6 @@ def until_cancelled(concur):
 async def sleep_long():
     await asyncio.sleep(30)
 """
-
-
-def run(pytester: pytest.Pytester, *args: str) -> pytest.RunResult:
-    return pytester.runpytest_subprocess(*args, timeout=TIMEOUT)
 
 
 def line_of(path: Path, text: str) -> int:
@@ -384,7 +381,8 @@ def test_a_thread_workers_threads_are_what_they_are_in_a_plain_run(
             assert concur.start(start_one).result(timeout=10) == (False, False)
         """
     )
-    run(pytester).assert_outcomes(passed=2)
+    # Threads and tasks only, each joined: inline.
+    pytester.runpytest().assert_outcomes(passed=2)
 
 
 def test_cancel_stops_each_kind_of_worker(pytester: pytest.Pytester) -> None:
@@ -505,7 +503,8 @@ def test_copies(concur, worker_index):
     assert concur.start(add, worker_index, 1).result(timeout=10) == worker_index + 1
 """
     )
-    run(pytester).assert_outcomes(passed=2)
+    # Threads and tasks only, each joined: inline.
+    pytester.runpytest().assert_outcomes(passed=2)
 
 
 # -- expect_clean() ---------------------------------------------------------------------------
