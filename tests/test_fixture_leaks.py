@@ -756,7 +756,7 @@ def test_check_all_sees_the_tasks_of_pytest_asyncio_and_anyio_tests(
             await asyncio.create_task(asyncio.sleep(0))
         """
     )
-    result = pytester.runpytest_subprocess("-v", "--concur-check-all", timeout=TIMEOUT)
+    result = run_fresh(pytester, "-v", "--concur-check-all")
     result.assert_outcomes(passed=2, failed=4)
     result.stdout.fnmatch_lines_random(
         [
@@ -806,7 +806,7 @@ def test_check_all_sees_a_blocked_loop_of_pytest_asyncio_and_anyio_tests(
             time.sleep(0.3)
         """
     )
-    result = pytester.runpytest_subprocess("-v", "--concur-check-all", timeout=TIMEOUT)
+    result = run_fresh(pytester, "-v", "--concur-check-all")
     result.assert_outcomes(passed=1, failed=2)
     result.stdout.fnmatch_lines_random(
         [
