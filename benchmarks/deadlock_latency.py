@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pytest_concur import DeadlockError, _locks, _loopwatch
+from pytest_concur import DeadlockError, _locks, _loop_deadlocks
 
 
 def two_lock_cycle() -> float:
@@ -71,11 +71,11 @@ def event_never_set() -> float:
 
 
 def loop_where_every_task_waits() -> float:
-    loop = _loopwatch.new_loop()
+    loop = _loop_deadlocks.new_loop()
     started: list[float] = []
 
     async def main() -> None:
-        _loopwatch.note_body_task()
+        _loop_deadlocks.note_body_task()
         event = asyncio.Event()
         started.append(time.perf_counter())
         await event.wait()

@@ -17,7 +17,7 @@ The invariants:
 * **A function-scoped async fixture shares the body's loop.** The fixtures of a claimed
   item that its plugin would have run on the test's own loop (pytest-asyncio:
   function scope and ``loop_scope``; anyio: function scope) run on the item's loop, as
-  ``pytest_concur._fixtures`` runs every async fixture of a backend item.
+  ``pytest_concur._async_fixtures`` runs every async fixture of a backend item.
 * **A loop wider than the test is never faked.** A test that shares a loop with other
   tests or with wider-scoped fixtures (pytest-asyncio ``loop_scope`` other than
   ``function``, or custom loop factories; anyio with an async fixture wider than the

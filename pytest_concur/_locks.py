@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterable, Iterator
 from types import CodeType, FrameType
 from typing import Any, final
 
-from pytest_concur import _hooks, _primitives
+from pytest_concur import _patches, _primitives
 from pytest_concur._errors import DeadlockError, HangError
 from pytest_concur._stacks import PACKAGE, stack_lines
 from pytest_concur._state import items_begun
@@ -137,7 +137,7 @@ def _capture_site(frame: FrameType | None, *, with_caller: bool = False) -> _Sit
     code = frame.f_code
     caller = frame.f_back
     while caller is not None and caller.f_code.co_filename.startswith(_PACKAGE):
-        caller = caller.f_back  # our hooks' wrappers (see _hooks) call __init__ for the user
+        caller = caller.f_back  # our hooks' wrappers (see _patches) call __init__ for the user
     if (with_caller or code.co_name == "__init__") and caller is not None:
         where = caller.f_code.co_filename, caller.f_lineno
         return (code.co_filename, frame.f_lineno, code.co_name, *where)
@@ -1081,7 +1081,7 @@ def _tracked_signal(signalnum: int, handler: Any) -> Any:
 
 
 def _on_start(thread: threading.Thread) -> Callable[[], None] | None:
-    """Listens to ``Thread.start`` (see ``_hooks``) while tracking is on."""
+    """Listens to ``Thread.start`` (see ``_patches``) while tracking is on."""
     tracker = TRACKER
     if tracker is None:
         return None
@@ -1129,7 +1129,7 @@ class tracking:
                 _ACTIVE._restore()
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
             # Module attributes are swapped for the block; the two methods of Thread are
-            # hooked once for the session and act only while TRACKER is set (see _hooks).
+            # hooked once for the session and act only while TRACKER is set (see _patches).
             patches = [
                 *_PATCHES,
                 *self._extra,
@@ -1141,8 +1141,8 @@ class tracking:
             self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
             for owner, name, replacement in patches:
                 setattr(owner, name, replacement)
-            _hooks.replace(threading.Thread, "join", lambda original: _tracked_join)
-            self._stop_listening = _hooks.listen(_hooks.THREAD_START, _on_start)
+            _patches.replace(threading.Thread, "join", lambda original: _tracked_join)
+            self._stop_listening = _patches.listen(_patches.THREAD_START, _on_start)
             _ACTIVE = self
         return tracker
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pytest_concur import _hooks, _locks
+from pytest_concur import _locks, _patches
 from pytest_concur._errors import DeadlockError
 
 # Handed on: the backends and the plugin import these from here.
@@ -252,7 +252,7 @@ def _join_all(threads: Sequence[threading.Thread]) -> None:
 async def run_tasks(call: BodyCall) -> None:
     """Run ``call.workers`` copies as tasks on the running loop, and wait for them all."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
-    from pytest_concur._loopwatch import note_body_task
+    from pytest_concur._loop_deadlocks import note_body_task
 
     count = call.workers
     item = call.item
@@ -414,12 +414,12 @@ class _Starts:
         # How a report names each thing noted (see owners), with the copy that started it.
         self._named: list[tuple[str, int]] = []
         self._tasks: list[tuple[Any, int]] = []
-        self._stop_listening = _hooks.listen_many(
+        self._stop_listening = _patches.listen_many(
             (
-                (_hooks.THREAD_START, self._note_thread),
-                (_hooks.LOOP_CREATE_TASK, self._note_task),
-                (_hooks.PROCESS_START, self._note_process),
-                (_hooks.POPEN_INIT, self._note_popen),
+                (_patches.THREAD_START, self._note_thread),
+                (_patches.LOOP_CREATE_TASK, self._note_task),
+                (_patches.PROCESS_START, self._note_process),
+                (_patches.POPEN_INIT, self._note_popen),
             )
         )
 

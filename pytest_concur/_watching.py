@@ -43,7 +43,7 @@ async def run_watched_async(
 ) -> None:
     """Await an async body between its watches' ``begin`` and ``end``."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
-    from pytest_concur._loopwatch import note_body_task
+    from pytest_concur._loop_deadlocks import note_body_task
 
     forget = note_body_task()
     for watch in watches:

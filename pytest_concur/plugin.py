@@ -282,7 +282,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "test's event loop before the test fails (default: the concur_blocked_loop ini key, "
         "0.1); 0 turns the check off.",
     )
-    from pytest_concur import _backends, _checks, _fixtures, _summary, _timeout
+    from pytest_concur import _async_fixtures, _backends, _checks, _summary, _timeout
 
     config.pluginmanager.register(_summary, "concur-summary")
     config.pluginmanager.register(_summary.Collector(config), _summary.COLLECTOR)
@@ -294,7 +294,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(_timeout, "concur-timeout")
     config.pluginmanager.register(_backends, "concur-builtin-backends")
     config.pluginmanager.register(_checks, "concur-builtin-checks")
-    config.pluginmanager.register(_fixtures, "concur-async-fixtures")
+    config.pluginmanager.register(_async_fixtures, "concur-async-fixtures")
     # Registered after the async plugins, whose items its collection wrapper takes over.
     config.pluginmanager.register(_claim, "concur-claim")
     from pytest_concur import _unittest
@@ -312,8 +312,8 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
     # The checks hook a few library methods once, for the session: put them back (see
-    # _hooks), so that a process that goes on (pytester's inline runs) has them as it had.
-    hooks = sys.modules.get("pytest_concur._hooks")
+    # _patches), so that a process that goes on (pytester's inline runs) has them as it had.
+    hooks = sys.modules.get("pytest_concur._patches")
     if hooks is not None:
         hooks.uninstall()
 
@@ -582,7 +582,7 @@ def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
 def _run_on_item_loop(item: pytest.Item, coro: Coroutine[Any, Any, Any]) -> Any:
     """Run ``coro`` on the item's own loop, made on first use: a sync body never needs one."""
     __tracebackhide__ = True  # the plugin's frames are not the user's
-    from pytest_concur._loop import item_loop
+    from pytest_concur._item_loops import item_loop
 
     return item_loop(item).run(coro)
 
@@ -595,7 +595,7 @@ def _close(item: pytest.Item) -> None:
             runner.close()
     finally:
         # No module, no loop: a session of sync bodies need not import asyncio to say so.
-        loops = sys.modules.get("pytest_concur._loop")
+        loops = sys.modules.get("pytest_concur._item_loops")
         if loops is not None:
             loops.close_item_loop(item)
 

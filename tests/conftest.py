@@ -4,7 +4,7 @@ from __future__ import annotations
 # modules they imported when they end) never unload and re-import them: re-importing the
 # single-phase C extension behind multiprocessing.synchronize on 3.10 left it with a
 # garbage SEM_VALUE_MAX once, in CI. And the checks hook classes of these modules once
-# (pytest_concur/_hooks.py): a module imported afresh by a later inline run would have a
+# (pytest_concur/_patches.py): a module imported afresh by a later inline run would have a
 # class of its own, while concurrent.futures keeps handing out the first one.
 import asyncio.base_events  # noqa: F401
 import concurrent.futures.process

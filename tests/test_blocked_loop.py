@@ -462,12 +462,12 @@ def test_wrappers_are_restored_after_the_body(pytester: pytest.Pytester) -> None
             raise ValueError("boom")
 
         def test_after():
-            # Hooked once for the session, switched off after each body (see _hooks).
-            from pytest_concur import _hooks
+            # Hooked once for the session, switched off after each body (see _patches).
+            from pytest_concur import _patches
             from pytest_concur._checks import _blocked_sampler
 
             assert _blocked_sampler._TIMINGS == ()
-            assert _hooks.listening() == []
+            assert _patches.listening() == []
         """
     )
     result = pytester.runpytest("-p", "no:randomly")

@@ -425,7 +425,7 @@ def test_locks_stay_tracked_between_bodies_and_keep_no_books(pytester: pytest.Py
             now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == AT_IMPORT
             assert type(threading.Lock()) is _locks.TrackedLock
-            # Thread.join stays hooked for the session (see _hooks), tracking nothing.
+            # Thread.join stays hooked for the session (see _patches), tracking nothing.
             assert _locks.TRACKER is None
         """
     )
@@ -584,11 +584,11 @@ def test_a_timed_out_body_leaves_nothing_installed(pytester: pytest.Pytester) ->
                 pass
 
         def test_restored():
-            from pytest_concur import _hooks
+            from pytest_concur import _patches
 
             now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
-            assert _hooks.listening() == []
+            assert _patches.listening() == []
         """
     )
     run(pytester).assert_outcomes(failed=1, passed=2)

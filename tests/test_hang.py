@@ -187,7 +187,7 @@ def test_a_child_stuck_on_a_full_pipe_names_the_users_line(pytester: pytest.Pyte
             "Child processes:",
         ]
     )
-    assert "_hooks.py" not in result.stdout.str()
+    assert "_patches.py" not in result.stdout.str()
 
 
 def test_a_process_the_body_forked_is_not_called_the_test_body(
@@ -451,11 +451,11 @@ def test_a_hung_body_leaves_nothing_installed(pytester: pytest.Pytester) -> None
             time.sleep(30)
 
         def test_restored():
-            from pytest_concur import _hooks
+            from pytest_concur import _patches
 
             now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
-            assert _hooks.listening() == []
+            assert _patches.listening() == []
             assert signal.getsignal(signal.SIGALRM) == signal.SIG_DFL
             assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
         """
@@ -485,11 +485,11 @@ def test_deadline_during_the_checks_puts_everything_back(pytester: pytest.Pytest
         def test_restored():
             from pytest_concur import _locks
 
-            from pytest_concur import _hooks
+            from pytest_concur import _patches
 
             now = (threading.Lock, threading.RLock, _thread.allocate_lock)
             assert now == ORIGINAL
-            assert _hooks.listening() == []
+            assert _patches.listening() == []
             assert _locks.TRACKER is None
         """
     )

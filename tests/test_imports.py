@@ -29,8 +29,8 @@ HEAVY = ("asyncio", "multiprocessing", "concurrent.futures")
 MACHINERY = (
     "pytest_concur._backends._child",
     "pytest_concur._hang",
-    "pytest_concur._loop",
-    "pytest_concur._loopwatch",
+    "pytest_concur._item_loops",
+    "pytest_concur._loop_deadlocks",
     "pytest_concur._report",
     "pytest_concur._shutdown",
     "pytest_concur._stress",
@@ -43,7 +43,7 @@ CHECKS = (
     "pytest_concur._checks.processes",
     "pytest_concur._checks.tasks",
     "pytest_concur._checks.threads",
-    "pytest_concur._hooks",
+    "pytest_concur._patches",
     "pytest_concur._locks",
     "pytest_concur._workers",
 )
@@ -140,7 +140,7 @@ def test_a_session_with_the_asyncio_backend_imports_asyncio(tmp_path: Path) -> N
     )
     new = _fresh(code, tmp_path)
     assert "asyncio" in new
-    assert "pytest_concur._loop" in new
+    assert "pytest_concur._item_loops" in new
 
 
 def test_public_names_are_handed_on_lazily(tmp_path: Path) -> None:

@@ -205,7 +205,7 @@ def test_isolated_asyncio_testcase_runs_on_the_items_loop_under_asyncio(
                 assert asyncio.get_running_loop() is self.loop
                 # pytest-concur's loop, in the main thread: not the class's own runner.
                 assert threading.current_thread() is threading.main_thread()
-                assert type(self.loop).__module__ == "pytest_concur._loopwatch"
+                assert type(self.loop).__module__ == "pytest_concur._loop_deadlocks"
 
             async def cleanup(self):
                 assert asyncio.get_running_loop() is self.loop

@@ -218,7 +218,7 @@ def _report_to_parent(signum: int, frame: types.FrameType | None) -> None:
 
 def _run(job: Job) -> None:
     if inspect.iscoroutinefunction(job.function):
-        from pytest_concur._loop import LoopRunner
+        from pytest_concur._item_loops import LoopRunner
 
         runner = LoopRunner()
         try:

@@ -2,7 +2,7 @@
 
 An ``async def`` body is awaited by that task. A plain ``def`` body is called from inside
 the task, as a coroutine would call it, so code that looks for a running loop takes its
-async-context path. The loop is the item's own (see ``pytest_concur._loop``): the same one
+async-context path. The loop is the item's own (see ``pytest_concur._item_loops``): the same one
 its function-scoped async fixtures ran on, closed after the item's teardown.
 """
 

@@ -3,7 +3,7 @@
 - :data:`_TIMINGS`: the timing of each running watch (one, but for a body abandoned at its
   deadline), replaced under the lock and read without it;
 - :func:`_timed_run`: the wrapper of ``asyncio.events.Handle._run``, installed once per
-  session (``_hooks``), which hands each handle of a followed loop to its watch's timing;
+  session (``_patches``), which hands each handle of a followed loop to its watch's timing;
 - the sampler: a thread of its own that looks, from outside, at which line a step running
   past the threshold is at (a loop whose thread is busy in the step cannot tell), and
   which notices when it comes back late for want of the GIL (:func:`_stalled_during`).
@@ -236,7 +236,7 @@ def sampler_ident() -> int | None:
 
 
 def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
-    """``Handle._run``, timed for the loops a watch follows (installed once, see _hooks)."""
+    """``Handle._run``, timed for the loops a watch follows (installed once, see _patches)."""
 
     def _run(handle: Any) -> None:
         __tracebackhide__ = True  # the plugin's frames are not the user's

@@ -10,7 +10,7 @@ Design. From ``begin`` to ``end`` (switched off in ``end`` whatever happens):
 
 - ``asyncio.events.Handle._run``, which every loop calls for each ready callback (a task's
   step is one: ``Task.__step`` or ``__wakeup`` bound to the task), is wrapped, once per
-  session (``pytest_concur._hooks``). The wrapper times only handles of the loops a
+  session (``pytest_concur._patches``). The wrapper times only handles of the loops a
   running watch follows; with no watch it costs one global read, for any other loop (a
   fixture's server loop in another thread, say) one dict lookup more. Debug mode is not
   used: it changes how asyncio behaves and costs far more.
@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 from pytest_concur._checks import _allow
 from pytest_concur._checks._blocked_clock import (
     _clock,
@@ -285,8 +285,8 @@ class _Timing:
         # to pass the threshold, and looks at it then).
         self.tick = min(max(watch.threshold / 2, _MIN_TICK), _MAX_TICK)
         self._task_type = asyncio.Task
-        _hooks.replace(asyncio.events.Handle, "_run", _timed_run)
-        self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._follow))
+        _patches.replace(asyncio.events.Handle, "_run", _timed_run)
+        self._restore.append(_patches.listen(_patches.LOOP_INIT, self._follow))
         _start_timing(self)
 
     def time(self, handle: asyncio.Handle, state: _LoopState, run: Callable[[Any], None]) -> None:

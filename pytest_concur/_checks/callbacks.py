@@ -5,7 +5,7 @@ An exception raised by a callback (``loop.call_soon``, ``call_later``, ``call_at
 without anyone retrieving it, reaches nobody: asyncio passes it to the loop's exception
 handler, whose default logs it and goes on. Such an exception fails the test it happened in.
 
-Design. Three wrappers are put in place once per session (``pytest_concur._hooks.replace``)
+Design. Three wrappers are put in place once per session (``pytest_concur._patches.replace``)
 and do something only while a watch runs (a module-level tuple, read without a lock):
 
 - ``BaseEventLoop.call_exception_handler``: for a loop the watch follows, with no handler
@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
 from pytest_concur._checks._blocked_sites import describe_callable
 from pytest_concur._checks._where import (
@@ -98,10 +98,10 @@ class _Recording:
         self.scheduled: weakref.WeakKeyDictionary[Any, Site] = weakref.WeakKeyDictionary()
         self.errors: list[_Error] = []
         loop_type = asyncio.base_events.BaseEventLoop
-        _hooks.replace(loop_type, "call_exception_handler", _handled)
+        _patches.replace(loop_type, "call_exception_handler", _handled)
         for name in _SCHEDULERS:
-            _hooks.replace(loop_type, name, _scheduling)
-        self._stop = _hooks.listen(_hooks.LOOP_INIT, self._follow)
+            _patches.replace(loop_type, name, _scheduling)
+        self._stop = _patches.listen(_patches.LOOP_INIT, self._follow)
         _start(self)
 
     def _follow(self, loop: Any, result: None = None) -> None:

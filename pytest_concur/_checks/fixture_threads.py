@@ -9,7 +9,7 @@ under a backend, every fixture with ``--concur-check-all``).
 
 Design. Around pytest's call phase of such a test, in pytest's process (the fixtures live
 there whatever the backend: the ``process`` backend's body runs in a child, its fixtures
-do not), ``threading.excepthook`` is wrapped (``pytest_concur._hooks.replace``, once per
+do not), ``threading.excepthook`` is wrapped (``pytest_concur._patches.replace``, once per
 session; it does something only while a call phase is watched): the exception of a
 thread that a live fixture's lineage started is recorded, formatted where it happens,
 instead of handed on; every other goes to the hook that was there. The threads check's own
@@ -58,9 +58,9 @@ def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
     if "threads" in allow.checks_off:
         return (yield)
     global _RECORDED
-    from pytest_concur import _hooks  # not imported by a run of --help
+    from pytest_concur import _patches  # not imported by a run of --help
 
-    _hooks.replace(threading, "excepthook", _hook)
+    _patches.replace(threading, "excepthook", _hook)
     with _lock:
         _RECORDED = []
     try:

@@ -6,7 +6,7 @@ lives in its future until someone asks for it. Plain Python never reports one no
 for: it is lost with the future. Such a future fails the test that made it.
 
 Design. From ``begin`` to ``end`` (taken off in ``end`` whatever happens) five methods of
-``concurrent.futures.Future`` are listened to (``pytest_concur._hooks``, one wrapper per
+``concurrent.futures.Future`` are listened to (``pytest_concur._patches``, one wrapper per
 session):
 
 - ``__init__`` records each future made while the body runs, with where (the user's frames
@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
 from pytest_concur._checks._where import Site, format_exception, here, plural
 
@@ -89,13 +89,13 @@ class _Recording:
         self.made: weakref.WeakKeyDictionary[Any, Site] = weakref.WeakKeyDictionary()
         self.failed: dict[Any, Site] = {}  # insertion order: the order they failed in
         self.seen: weakref.WeakSet[Any] = weakref.WeakSet()
-        self._stop = _hooks.listen_many(
+        self._stop = _patches.listen_many(
             (
-                (_hooks.FUTURE_INIT, self._on_init),
-                (_hooks.FUTURE_SET_EXCEPTION, self._on_set_exception),
-                (_hooks.FUTURE_RESULT, self._on_read),
-                (_hooks.FUTURE_EXCEPTION, self._on_read),
-                (_hooks.FUTURE_ADD_DONE_CALLBACK, self._on_add_done_callback),
+                (_patches.FUTURE_INIT, self._on_init),
+                (_patches.FUTURE_SET_EXCEPTION, self._on_set_exception),
+                (_patches.FUTURE_RESULT, self._on_read),
+                (_patches.FUTURE_EXCEPTION, self._on_read),
+                (_patches.FUTURE_ADD_DONE_CALLBACK, self._on_add_done_callback),
             )
         )
 

@@ -1,7 +1,7 @@
 """The ``processes`` check: child processes and process pools the body leaves behind.
 
 Design. From ``begin`` to ``end`` (where the body runs), and stopped in ``end`` whatever
-happens, these are listened to (``pytest_concur._hooks``) to record what the body starts
+happens, these are listened to (``pytest_concur._patches``) to record what the body starts
 and where:
 
 - ``multiprocessing.process.BaseProcess.start``: each process, with its target wrapped so
@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 
@@ -271,15 +271,15 @@ class _Recording:
         # ids of the processes whose exitcode the test read.
         self.checked: set[int] = set()
         self._watched: set[int] = set()
-        self._stop = _hooks.listen_many(
+        self._stop = _patches.listen_many(
             (
-                (_hooks.PROCESS_START, self._on_start),
-                (_hooks.PROCESS_EXITCODE, self._on_exitcode),
-                (_hooks.PROCESS_TERMINATE, self._on_stopped),
-                (_hooks.PROCESS_KILL, self._on_stopped),
-                (_hooks.POPEN_INIT, self._on_popen),
-                (_hooks.POOL_INIT, self._on_pool),
-                (_hooks.PROCESS_POOL_INIT, self._on_pool),
+                (_patches.PROCESS_START, self._on_start),
+                (_patches.PROCESS_EXITCODE, self._on_exitcode),
+                (_patches.PROCESS_TERMINATE, self._on_stopped),
+                (_patches.PROCESS_KILL, self._on_stopped),
+                (_patches.POPEN_INIT, self._on_popen),
+                (_patches.POOL_INIT, self._on_pool),
+                (_patches.PROCESS_POOL_INIT, self._on_pool),
             )
         )
 

@@ -6,7 +6,7 @@ body and for every body under the ``asyncio`` backend, in a plain thread otherwi
 
 - the running loop, if any, gets a task factory that records each task created on it (and
   where), chaining to the factory it had;
-- ``asyncio.BaseEventLoop.__init__`` is listened to (``pytest_concur._hooks``) to record
+- ``asyncio.BaseEventLoop.__init__`` is listened to (``pytest_concur._patches``) to record
   each loop the body creates, which gets the same recording task factory (so tasks of
   ``asyncio.run`` inside a sync body are seen too);
 - ``warnings._warn_unawaited_coroutine``, which CPython calls when a coroutine that never
@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, format_exception, from_origin, here, plural, settle
 
@@ -171,9 +171,9 @@ class _Recording:
             # the watch (and which gets no task factory of ours). Tasks created on a loop
             # that runs in this thread are the body's (see _on_create_task).
             self._thread = threading.get_ident()
-            self._restore.append(_hooks.listen(_hooks.LOOP_CREATE_TASK, self._on_create_task))
+            self._restore.append(_patches.listen(_patches.LOOP_CREATE_TASK, self._on_create_task))
 
-        self._restore.append(_hooks.listen(_hooks.LOOP_INIT, self._record_loop))
+        self._restore.append(_patches.listen(_patches.LOOP_INIT, self._record_loop))
 
         original_warn = getattr(warnings, _UNAWAITED_HOOK, None)
         if original_warn is not None:
@@ -351,10 +351,10 @@ class _OwnerRecording(_Recording):
         self.loops = []
         self._acting = acting
         self._restore = [
-            _hooks.listen_many(
+            _patches.listen_many(
                 (
-                    (_hooks.LOOP_CREATE_TASK, self._on_create_task),
-                    (_hooks.LOOP_INIT, self._on_loop),
+                    (_patches.LOOP_CREATE_TASK, self._on_create_task),
+                    (_patches.LOOP_INIT, self._on_loop),
                 )
             )
         ]
@@ -373,7 +373,7 @@ class _OwnerRecording(_Recording):
                 self.tasks.append((task, site))
 
     def _on_loop(self, loop: Any, result: None) -> None:
-        from pytest_concur._loopwatch import WatchedLoop
+        from pytest_concur._loop_deadlocks import WatchedLoop
 
         if not isinstance(loop, WatchedLoop) and not _made_by_runner() and self._recording():
             site = here()

@@ -5,7 +5,7 @@ Design. From ``begin`` to ``end`` (where the body runs: the backend's thread, th
 loop's thread, the child process) two process-wide hooks are in place, both taken off in
 ``end`` whatever happens:
 
-- ``threading.Thread.start`` is listened to (``pytest_concur._hooks``) to record each
+- ``threading.Thread.start`` is listened to (``pytest_concur._patches``) to record each
   thread started by the body's thread or, transitively, by a thread the body started,
   with the user's frames of the start call. Threads that were running before ``begin``
   (fixtures', the harness's) and threads started by them are never recorded, so they are
@@ -48,7 +48,7 @@ import pluggy
 import pytest
 
 import pytest_concur
-from pytest_concur import _hooks, _primitives
+from pytest_concur import _patches, _primitives
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording, later_for
 from pytest_concur._checks._reach import _BUDGET, Body, _bound_to, _reaches, body_of
 from pytest_concur._checks._thread_kinds import (
@@ -394,10 +394,10 @@ def _target_name(thread: threading.Thread) -> str:
 
 
 def _listen(recording: _Recording) -> Any:
-    return _hooks.listen_many(
+    return _patches.listen_many(
         (
-            (_hooks.THREAD_START, recording._on_start),
-            (_hooks.THREAD_POOL_INIT, recording._on_executor),
+            (_patches.THREAD_START, recording._on_start),
+            (_patches.THREAD_POOL_INIT, recording._on_executor),
         )
     )
 

@@ -2,7 +2,7 @@
 
 asyncio runs ready callbacks first in, first out: two tasks that race always meet in the
 same order, so a check-then-await race that this order happens to hide stays hidden. The
-exploring loop is the item's selector loop (with the deadlock watch of ``_loopwatch``)
+exploring loop is the item's selector loop (with the deadlock watch of ``_loop_deadlocks``)
 whose ready queue, ``BaseEventLoop._ready``, is replaced by :class:`_ReadyQueue`
 (:func:`exploring_loop`). The loop
 takes callbacks from it only with ``popleft()``; ours answers with the first ready callback
@@ -35,7 +35,7 @@ from typing import Any, final
 
 from pytest_concur._explore._schedule import Schedule
 from pytest_concur._locks import _PACKAGE
-from pytest_concur._loopwatch import new_loop
+from pytest_concur._loop_deadlocks import new_loop
 
 # The owner of callbacks that belong to no task: the loop's own (timers, I/O).
 _LOOP = "the loop"
@@ -117,7 +117,7 @@ class _ReadyQueue(collections.deque[Any]):
 
 
 def exploring_loop(control: Control) -> asyncio.AbstractEventLoop:
-    """The item's usual loop (``_loopwatch.new_loop``), with a ready queue ``control`` steers.
+    """The item's usual loop (``_loop_deadlocks.new_loop``), with a ready queue ``control`` steers.
 
     The queue is swapped into the loop rather than the loop subclassed: the watched loop
     stays what it is, deadlock watch included, and only the order of its callbacks changes.

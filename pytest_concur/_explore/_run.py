@@ -43,7 +43,7 @@ from pytest_concur._explore._schedule import (
     parse_token,
     run_seed,
 )
-from pytest_concur._loop import set_loop_factory
+from pytest_concur._item_loops import set_loop_factory
 
 SEED_OPTION = "--concur-seed"
 REPLAY_OPTION = "--concur-replay"

@@ -2,7 +2,7 @@
 
 Three parts, one module each:
 
-- ``_report``: the hang report: every thread with its stack, held locks and wait, every
+- ``_at_deadline``: the hang report: every thread with its stack, held locks and wait, every
   pending task with its await chain, every child process (:func:`report`, and
   :func:`report_in_child` inside a child of the process backend);
 - ``_children``: the child processes: asking them for their stacks with a signal, reading
@@ -15,6 +15,7 @@ every wait (see each module). This ``__init__`` only hands the names on.
 
 from __future__ import annotations
 
+from pytest_concur._hang._at_deadline import report, report_in_child
 from pytest_concur._hang._children import (
     DUMP_SIGNAL,
     REPORT_END,
@@ -28,7 +29,6 @@ from pytest_concur._hang._children import (
     reported,
 )
 from pytest_concur._hang._release import release
-from pytest_concur._hang._report import report, report_in_child
 
 __all__ = [
     "DUMP_SIGNAL",

@@ -4,7 +4,7 @@ A child of the process backend (or a process forked from it, or from pytest) dum
 stacks on ``SIGURG`` (:data:`DUMP_SIGNAL`), whose default action is to be ignored, so a
 child without the handler is not harmed; it follows faulthandler's dump with a report of
 its own (between :data:`REPORT_START` and :data:`REPORT_END`, made by
-:func:`pytest_concur._hang._report.report_in_child`). On Python 3.14+ any Python child is
+:func:`pytest_concur._hang._at_deadline.report_in_child`). On Python 3.14+ any Python child is
 read from outside (``_remote_debugging``), without its cooperation; otherwise what
 ``/proc`` says (command, state, kernel wait) is all there is.
 
@@ -12,7 +12,7 @@ The process backend registers the file each child writes its stacks to
 (:func:`register_stack_file`) and asks whether a hang report already showed a child
 (:func:`reported`), so that its own failure does not print the stacks twice.
 
-Invariant (that of the whole report, see ``_report``): this runs in a signal handler in
+Invariant (that of the whole report, see ``_at_deadline``): this runs in a signal handler in
 the main thread; the table of stack files is guarded by a reentrant lock for that reason,
 and every wait for a child is bounded (:data:`_CHILD_WAIT`, :data:`_ALL_CHILDREN_WAIT`).
 """

@@ -76,7 +76,7 @@ def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any])
     __tracebackhide__ = True  # the plugin's frames are not the user's
     result = fn(*args, **kwargs)
     if inspect.iscoroutine(result):
-        from pytest_concur._loop import LoopRunner
+        from pytest_concur._item_loops import LoopRunner
 
         runner = LoopRunner()
         try:

@@ -4,7 +4,7 @@ An item's loop is created the first time an async fixture or an async body of th
 needs it and is closed after the item's teardown, so function-scoped async fixtures and the
 body share one loop and the next test never sees it. The loop is driven through
 ``asyncio.Runner`` (3.11+), which never touches the deprecated event-loop policy because we
-always pass a ``loop_factory``: ``_loopwatch.new_loop``, a selector loop that fails at once
+always pass a ``loop_factory``: ``_loop_deadlocks.new_loop``, a selector loop that fails at once
 when every task waits on something nothing can complete. Python 3.10 has no ``Runner``: :class:`_Runner310` does the
 same steps by hand (contextvars set by one call are not seen by the next there).
 
@@ -28,7 +28,7 @@ import pytest
 
 from pytest_concur._checks._allow import DEFAULT_GRACE, GRACE_INI, grace
 from pytest_concur._errors import DeadlockError
-from pytest_concur._loopwatch import new_loop
+from pytest_concur._loop_deadlocks import new_loop
 
 _ITEM_LOOP = pytest.StashKey["LoopRunner"]()
 # How long the loop runs after the given-up tasks' coroutines were closed, for them to end.

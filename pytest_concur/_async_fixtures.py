@@ -24,7 +24,7 @@ from pytest_concur import _claim
 from pytest_concur._state import CURRENT_ITEM, backend_of
 
 if TYPE_CHECKING:
-    from pytest_concur._loop import LoopRunner
+    from pytest_concur._item_loops import LoopRunner
 
 
 def is_async_fixture(func: object) -> bool:
@@ -43,7 +43,7 @@ def pytest_fixture_setup(
         item, fixturedef
     ):
         return (yield)
-    from pytest_concur._loop import LoopRunner, item_loop  # asyncio: only once needed
+    from pytest_concur._item_loops import LoopRunner, item_loop  # asyncio: only once needed
 
     target = _bind(func, request)
     if fixturedef.scope == "function":

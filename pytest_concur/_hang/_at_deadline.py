@@ -31,7 +31,7 @@ from typing import Any
 from pytest_concur import _locks
 from pytest_concur._checks._where import callable_name
 from pytest_concur._hang._children import children_report
-from pytest_concur._loopwatch import task_lines
+from pytest_concur._loop_deadlocks import task_lines
 from pytest_concur._stacks import stack_lines
 
 # The running version, typed so that mypy (set to the oldest one) keeps every branch.

@@ -1,4 +1,4 @@
-"""The process-wide hooks the checks listen to (pytest_concur/_hooks.py)."""
+"""The process-wide hooks the checks listen to (pytest_concur/_patches.py)."""
 
 from __future__ import annotations
 
@@ -12,18 +12,18 @@ from typing import Any
 
 import pytest
 
-from pytest_concur import _hooks
+from pytest_concur import _patches
 
 
 @pytest.fixture
 def clean_hooks() -> Iterator[None]:
     """Whatever a test installs is put back after it (nothing listens by then)."""
-    assert _hooks.listening() == []
+    assert _patches.listening() == []
     try:
         yield
     finally:
-        assert _hooks.listening() == []
-        _hooks.uninstall()
+        assert _patches.listening() == []
+        _patches.uninstall()
 
 
 @pytest.mark.usefixtures("clean_hooks")
@@ -34,7 +34,7 @@ def test_around_listener_sees_the_start_and_its_end() -> None:
         seen.append(f"before {thread.name} alive={thread.is_alive()}")
         return lambda: seen.append(f"after {thread.name} started={thread.ident is not None}")
 
-    stop = _hooks.listen(_hooks.THREAD_START, listener)
+    stop = _patches.listen(_patches.THREAD_START, listener)
     try:
         thread = threading.Thread(target=lambda: None, name="t1")
         thread.start()
@@ -51,7 +51,7 @@ def test_around_listener_sees_the_start_and_its_end() -> None:
 @pytest.mark.usefixtures("clean_hooks")
 def test_after_listener_gets_the_object_once_it_is_made() -> None:
     commands: list[object] = []
-    stop = _hooks.listen(_hooks.POPEN_INIT, lambda popen, result: commands.append(popen.args))
+    stop = _patches.listen(_patches.POPEN_INIT, lambda popen, result: commands.append(popen.args))
     try:
         subprocess.run([sys.executable, "-c", "pass"], check=True)
         with pytest.raises(FileNotFoundError):
@@ -70,8 +70,8 @@ def test_before_listener_gets_the_calls_arguments() -> None:
     def callback(future: object) -> None:
         calls.append(("called",))
 
-    stop = _hooks.listen(
-        _hooks.FUTURE_ADD_DONE_CALLBACK,
+    stop = _patches.listen(
+        _patches.FUTURE_ADD_DONE_CALLBACK,
         lambda future, args, kwargs: calls.append((args, kwargs, future.done())),
     )
     try:
@@ -86,7 +86,7 @@ def test_before_listener_gets_the_calls_arguments() -> None:
 @pytest.mark.usefixtures("clean_hooks")
 def test_exitcode_listener_is_told_only_of_a_known_code() -> None:
     codes: list[int] = []
-    stop = _hooks.listen(_hooks.PROCESS_EXITCODE, lambda process, code: codes.append(code))
+    stop = _patches.listen(_patches.PROCESS_EXITCODE, lambda process, code: codes.append(code))
     try:
         process = multiprocessing.get_context("spawn").Process(target=sys.exit, args=(3,))
         assert process.exitcode is None  # not started: nothing to tell
@@ -101,22 +101,22 @@ def test_exitcode_listener_is_told_only_of_a_known_code() -> None:
 @pytest.mark.usefixtures("clean_hooks")
 def test_wrappers_keep_the_signature_and_go_away_at_uninstall() -> None:
     original = subprocess.Popen.__dict__["__init__"]
-    stop = _hooks.listen(_hooks.POPEN_INIT, lambda popen, result: None)
+    stop = _patches.listen(_patches.POPEN_INIT, lambda popen, result: None)
     assert subprocess.Popen.__dict__["__init__"] is not original
     assert inspect.signature(subprocess.Popen) == inspect.signature(original).replace(
         parameters=list(inspect.signature(original).parameters.values())[1:]
     )
-    _hooks.uninstall()  # something listens: it stays
+    _patches.uninstall()  # something listens: it stays
     assert subprocess.Popen.__dict__["__init__"] is not original
     stop()
-    _hooks.uninstall()
+    _patches.uninstall()
     assert subprocess.Popen.__dict__["__init__"] is original
 
 
 @pytest.mark.usefixtures("clean_hooks")
 def test_a_wrapper_put_over_ours_is_left_in_place() -> None:
     original = threading.Thread.__dict__["start"]
-    stop = _hooks.listen(_hooks.THREAD_START, lambda thread: None)
+    stop = _patches.listen(_patches.THREAD_START, lambda thread: None)
     ours = threading.Thread.__dict__["start"]
     calls: list[str] = []
 
@@ -127,10 +127,10 @@ def test_a_wrapper_put_over_ours_is_left_in_place() -> None:
     threading.Thread.start = theirs  # type: ignore[method-assign]
     try:
         stop()
-        _hooks.uninstall()
+        _patches.uninstall()
         assert threading.Thread.__dict__["start"] is theirs  # not ours to undo
         seen: list[threading.Thread] = []
-        stop = _hooks.listen(_hooks.THREAD_START, seen.append)  # ours below is reused
+        stop = _patches.listen(_patches.THREAD_START, seen.append)  # ours below is reused
         thread = threading.Thread(target=lambda: None)
         thread.start()
         thread.join()
@@ -139,7 +139,7 @@ def test_a_wrapper_put_over_ours_is_left_in_place() -> None:
         assert seen == [thread]
     finally:
         threading.Thread.start = ours  # type: ignore[method-assign]
-        _hooks.uninstall()
+        _patches.uninstall()
     assert threading.Thread.__dict__["start"] is original
 
 
@@ -155,11 +155,11 @@ def test_replace_installs_once() -> None:
         made.append(original)
         return lambda self: "ours:" + original(self)
 
-    _hooks.replace(Owner, "method", make)
-    _hooks.replace(Owner, "method", make)
+    _patches.replace(Owner, "method", make)
+    _patches.replace(Owner, "method", make)
     assert Owner().method() == "ours:real"
     assert len(made) == 1
-    _hooks.uninstall()
+    _patches.uninstall()
     assert Owner().method() == "real"
 
 
