@@ -452,7 +452,7 @@ class ThreadScheduler:
             if others:
                 if self.partly is None:
                     filename, lineno = holder.where
-                    at = f" at {_short(filename)}:{lineno}" if filename else ""
+                    at = f" after {_short(filename)}:{lineno}" if filename else ""
                     self.partly = (
                         f"thread {holder.name!r} reached no switch point for "
                         f"{STALL * 1000:.0f} ms{at} (a wait pytest-concur cannot see: "
