@@ -99,7 +99,6 @@ def test_the_locked_update_passes_every_schedule(pytester: pytest.Pytester) -> N
     result = pytester.runpytest("-p", "no:randomly", "-s")
     result.assert_outcomes(passed=2)
     result.stdout.fnmatch_lines(["*RUNS 100*"])
-    assert "partly controlled" not in result.stdout.str()
 
 
 def test_check_then_act_on_a_dict_is_found(pytester: pytest.Pytester) -> None:
@@ -234,34 +233,31 @@ def test_condition_and_event_waits_are_switch_points(pytester: pytest.Pytester) 
     )
     result = pytester.runpytest_subprocess("--concur-timeout=30")
     result.assert_outcomes(passed=1)
-    assert "partly controlled" not in result.stdout.str()
+    # Were these waits unseen, every run would lose control at them (a loaded machine may
+    # make one run do so anyway: a holder starved for the stall timeout).
+    assert "partly controlled in 50 of" not in result.stdout.str()
+    assert "ran once" not in result.stdout.str()
 
 
-def test_stress_copies_race_under_the_scheduler(pytester: pytest.Pytester) -> None:
+def test_stress_copies_are_scheduled_together(pytester: pytest.Pytester) -> None:
+    # Both copies' lines interleave in some runs, which a plain run of two copies this
+    # short almost never shows.
     pytester.makepyfile(
         """
         import pytest
 
-        class Counter:
-            n = 0
+        SEEN = []
 
-        COUNTER = Counter()
+        @pytest.mark.backend("thread", workers=2, explore=30)
+        def test_copies(worker_index):
+            SEEN.append(worker_index)
+            SEEN.append(worker_index)
 
-        @pytest.fixture
-        def counter():
-            COUNTER.n = 0
-            return COUNTER
-
-        @pytest.mark.backend("thread", workers=2, explore=100)
-        def test_copies(counter, worker_index):
-            v = counter.n
-            counter.n = v + 1
-            if worker_index == 1:
-                pass
+        def test_zz_orders():
+            runs = {tuple(SEEN[i : i + 4]) for i in range(0, len(SEEN), 4)}
+            assert len(SEEN) == 120
+            assert runs - {(0, 0, 1, 1), (1, 1, 0, 0)}, runs
         """
     )
-    # Each copy passes on its own; what is checked is that the copies are scheduled and
-    # that every run ends (no hang), with decisions made between the copies.
-    result = pytester.runpytest_subprocess("--concur-timeout=30")
-    result.assert_outcomes(passed=1)
-    assert "partly controlled" not in result.stdout.str()
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--concur-timeout=30")
+    result.assert_outcomes(passed=2)

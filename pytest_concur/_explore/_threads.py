@@ -112,6 +112,7 @@ class ThreadScheduler:
         self._progress = 0
         self._bodies: list[_Thread | None] = [None] * copies
         self._running_bodies = 0
+        self._arrived = 0
         self._started = False
         self._stopped = False
         self._stop_listening: Callable[[], None] | None = None
@@ -148,24 +149,26 @@ class ThreadScheduler:
             if 0 <= index < self._copies:
                 self._bodies[index] = me
             self._running_bodies += 1
+            self._arrived += 1
             self.ran = True
             if not self._started:
                 self._start()
-            everyone = self._running_bodies >= self._copies
+            everyone = self._arrived >= self._copies
         _trace_on(self)
         if self._copies == 1:
             with self._mutex:
                 self._holder = me
             return me
         # Copies: all of them arrive before the first runs; copy 0 holds the baton first.
+        # (One that never comes, its setup hook stuck say, is not waited for past a second.)
         deadline = time.monotonic() + 1.0
         while not everyone and time.monotonic() < deadline:
             time.sleep(0.001)
             with self._mutex:
-                everyone = self._running_bodies >= self._copies
+                everyone = self._arrived >= self._copies
         with self._mutex:
-            if self._holder is None and (everyone or me is self._threads[0]):
-                first = self._threads[0]
+            if self._holder is None:
+                first = self._threads[0] if everyone else me
                 self._holder = first
                 if first is not me:
                     self._hand(first)
