@@ -1,4 +1,4 @@
-"""How often ``explore=100`` finds each racy asyncio body, what one decision costs.
+"""How often ``explore=100`` finds each racy asyncio and thread body, what a decision costs.
 
 Run by hand (never in CI; the machines are shared and noisy):
 
@@ -16,24 +16,31 @@ times, on the exploring loop with a schedule against the same loop without one, 
 difference divided by the decisions made. Last, the wall time of one ``explore=100`` item
 on a small body against the same item run once.
 
-Thread bodies (the lost update ``v = self.n; self.n = v + 1``) are not here yet: the thread
-scheduler is not built (see docs/explore.md).
+Thread bodies (the lost update ``v = self.n; self.n = v + 1`` between two threads, a
+check-then-act on a dict) are measured alike under ``@pytest.mark.backend("thread",
+explore=100)``; their decision cost is that of the baton-passing scheduler: two threads
+that each run many lines of this file, handing the baton on where the schedule says,
+against the same two threads run as the operating system schedules them.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import re
 import tempfile
 import textwrap
+import threading
 import time
 from pathlib import Path
 
 from _common import pytest_run
 
+from pytest_concur import _stress
 from pytest_concur._explore._asyncio import Control, exploring_loop
 from pytest_concur._explore._schedule import Schedule
+from pytest_concur._explore._threads import ThreadScheduler
 
 # A cache's get, racy and locked, shared by two bodies.
 _GET = (
@@ -148,6 +155,62 @@ BODIES = {
     ),
 }
 
+# Thread bodies: name -> (racy source, correct source). A plain run of each racy one passes.
+THREAD_BODIES = {
+    "lost update (2 threads)": (
+        """
+        def work(box, lock):
+            value = box[0]
+            box[0] = value + 1
+        """,
+        """
+        def work(box, lock):
+            with lock:
+                value = box[0]
+                box[0] = value + 1
+        """,
+    ),
+    "check-then-act on a dict": (
+        """
+        def work(box, lock):
+            box[0] += 1
+            if "k" not in CACHE:
+                MADE.append(1)
+                CACHE["k"] = object()
+        """,
+        """
+        def work(box, lock):
+            with lock:
+                box[0] += 1
+                if "k" not in CACHE:
+                    MADE.append(1)
+                    CACHE["k"] = object()
+        """,
+    ),
+}
+
+THREAD_MODULE = """
+import threading
+import pytest
+
+CACHE = {{}}
+MADE = []
+{work}
+
+@pytest.mark.parametrize("copy", range({items}))
+@pytest.mark.backend("thread", explore={explore})
+def test_body(copy):
+    CACHE.clear()
+    MADE.clear()
+    box, lock = [0], threading.Lock()
+    threads = [threading.Thread(target=work, args=(box, lock)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(MADE) <= 1 and box[0] == 2
+"""
+
 MODULE = """
 import asyncio
 import pytest
@@ -239,6 +302,45 @@ def decision_cost(tasks: int = 10, steps: int = 2000) -> tuple[float, int]:
     return (best - plain) / decisions * 1e6, decisions
 
 
+def _spin(lines: int) -> None:
+    total = 0
+    for step in range(lines):
+        total += step
+
+
+def thread_decision_cost(lines: int = 5000) -> tuple[float, int]:
+    """Microseconds per decision of the thread scheduler, and the decisions measured."""
+
+    def timed(scheduler: ThreadScheduler | None) -> float:
+        body = _spin if scheduler is None else scheduler.wrap(_spin)
+
+        def copy(index: int) -> None:
+            _stress._COPY_INDEX.set(index)
+            body(lines=lines)
+
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(copy, index))
+            for index in range(2)
+        ]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        elapsed = time.perf_counter() - start
+        if scheduler is not None:
+            scheduler.stop()
+        return elapsed
+
+    plain = min(timed(None) for _ in range(3))
+    best, decisions = float("inf"), 0
+    for seed in range(3):
+        schedule = Schedule(seed)
+        best = min(best, timed(ThreadScheduler(schedule, copies=2)))
+        decisions = len(schedule.decisions)
+    return (best - plain) / max(decisions, 1) * 1e6, decisions
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=50, help="explore=100 runs per body")
@@ -251,6 +353,18 @@ def main() -> None:
             found, total, _ = _failures(folder, _module(racy, rest, args.items, 100))
             wrong, _, _ = _failures(folder, _module(correct, rest, 1, 1000))
             print(f"{name:<30} {plain:>4}/{total:<5} {found:>6}/{total:<5} {wrong:>8}/1000")
+        for name, (racy, correct) in THREAD_BODIES.items():
+            work = textwrap.dedent(racy)
+            plain, total, _ = _failures(
+                folder, THREAD_MODULE.format(work=work, items=args.items, explore=0)
+            )
+            found, total, _ = _failures(
+                folder, THREAD_MODULE.format(work=work, items=args.items, explore=100)
+            )
+            fixed = THREAD_MODULE.format(work=textwrap.dedent(correct), items=1, explore=1000)
+            wrong, _, _ = _failures(folder, fixed)
+            label = f"{name} [thread]"
+            print(f"{label:<30} {plain:>4}/{total:<5} {found:>6}/{total:<5} {wrong:>8}/1000")
         racy, correct, rest = BODIES["check-then-await"]
         once = _call_seconds(folder, _module(correct, rest, 1, 0))
         hundred = _call_seconds(folder, _module(correct, rest, 1, 100))
@@ -260,6 +374,11 @@ def main() -> None:
         )
     cost, decisions = decision_cost()  # in-process, after the runs
     print(f"cost per scheduling decision: {cost:.2f} us (over {decisions} decisions, 10 tasks)")
+    cost, decisions = thread_decision_cost()
+    print(
+        f"cost per thread scheduling decision: {cost:.2f} us (over {decisions} decisions, "
+        "2 threads, a line each)"
+    )
 
 
 if __name__ == "__main__":

@@ -208,6 +208,8 @@ class TrackedLock:
         if timeout != -1 and (not blocking or not 0 <= timeout <= threading.TIMEOUT_MAX):
             # Arguments a real lock refuses: let it refuse them, with its own message.
             return bool(self._lock.acquire(blocking, timeout))
+        if SCHEDULER is not None:
+            SCHEDULER.point()  # a switch point of an explored thread body (_explore/_threads)
         if self._lock.acquire(False):
             # _took, inlined: every lock of the session takes this path, mostly untracked.
             me = _get_ident()
@@ -238,6 +240,8 @@ class TrackedLock:
                 if TRACKER is not None:  # (a call saved on the untracked path)
                     _note_released(self, me)
             self._lock.release()
+            if SCHEDULER is not None:
+                SCHEDULER.point()
             return
         owner = self.owner
         if owner is not None and owner != me:
@@ -246,6 +250,8 @@ class TrackedLock:
         self._lock.release()
         if owner is not None and TRACKER is not None:
             _note_released(self, owner)
+        if SCHEDULER is not None:
+            SCHEDULER.point()
 
     __enter__ = acquire  # one call less on the hottest path: ``with lock:``
 
@@ -282,7 +288,9 @@ class TrackedLock:
     def _acquire_restore(self, state: Any) -> None:
         # Condition.wait takes its lock back here even when unwinding with DeadlockError:
         # the caller's `with` releases it next, so it must hold it, verdict or not.
-        if not self._lock.acquire(False):
+        if not self._lock.acquire(False) and (
+            SCHEDULER is None or not SCHEDULER.wait_lock(self, -1)
+        ):
             while not self._lock.acquire(True, _MAX_SLICE):
                 pass
         self._took(False)
@@ -327,6 +335,10 @@ class TrackedLock:
 
     def _wait(self, timeout: float) -> bool:
         __tracebackhide__ = True  # the plugin's frames are not the user's
+        scheduler = SCHEDULER
+        if scheduler is not None and scheduler.wait_lock(self, timeout):
+            self._took(timeout < 0)  # the scheduler let this thread take it (_explore/_threads)
+            return True
         tracker = TRACKER
         if tracker is None:
             got = self._lock.acquire(True, timeout)
@@ -954,6 +966,12 @@ def _inversion_report(held: TrackedLock, taken: TrackedLock, site: str, earlier_
 # -- installing and removing the tracking ---------------------------------------------
 
 TRACKER: Tracker | None = None
+# While a thread body is explored, its scheduler (``_explore/_threads``): tracked locks and
+# joins are its switch points. ``point()`` may let other threads of the body run first;
+# ``wait_lock(lock, timeout)`` is asked before a thread blocks on ``lock`` and answers True
+# when it took the real lock for the thread; ``joining(thread)`` returns when the joined
+# thread is done or the scheduler lets the thread wait as usual.
+SCHEDULER: Any = None
 _install_lock = _real_allocate_lock()
 _real_join = threading.Thread.join
 _real_signal = signal.signal
@@ -1042,6 +1060,8 @@ _THREADING_OWN = frozenset({"_after_fork", "<module>"})
 
 def _tracked_join(self: threading.Thread, timeout: float | None = None) -> None:
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    if SCHEDULER is not None:
+        SCHEDULER.joining(self)  # an explored body's join: others run meanwhile
     tracker = TRACKER
     if (
         tracker is None

@@ -10,7 +10,10 @@ run is checked as a run of its own), until a run fails or the schedules are used
   with the same ``--concur-seed`` tries the same schedules, and each item its own;
 - a run that made no scheduling decision (one task, or none ready at once) ends the
   exploration: every other seed would make the same run;
-- a run whose body did not run on the exploring loop (a sync body under ``thread``, the
+- a sync body under ``thread`` runs with its threads under a baton-passing scheduler
+  (``_threads``), the schedules alternating random and PCT; a run the scheduler did not
+  fully control (a thread blocked where it cannot see) is noted as partly controlled;
+- a run whose body did not run on the exploring loop nor on controlled threads (the
   ``process`` backend) ends it too: nothing was controlled, and the terminal summary says
   so rather than let N identical runs look like exploration;
 - a failure keeps the body's own exception and report; a section under it names the
@@ -37,13 +40,17 @@ from pytest_concur import _marker, _report
 from pytest_concur._backends.base import BodyCall
 from pytest_concur._explore._asyncio import Control, describe, exploring_loop
 from pytest_concur._explore._schedule import (
+    PCT,
     STRATEGIES,
     Schedule,
     Token,
     parse_token,
+    pct_seed,
     run_seed,
 )
+from pytest_concur._explore._threads import ThreadScheduler
 from pytest_concur._item_loops import set_loop_factory
+from pytest_concur._state import backend_of
 
 SEED_OPTION = "--concur-seed"
 REPLAY_OPTION = "--concur-replay"
@@ -158,29 +165,74 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
         return
     state.explored += 1
     call = first
+    threads = _is_thread_body(item, first)
+    horizon, partly, first_partly = 8, 0, ""
     for index in range(plan.runs):
-        schedule = Schedule(run_seed(state.seed, item.nodeid, index))
+        seed = run_seed(state.seed, item.nodeid, index)
+        # Thread bodies alternate the two strategies: random switching at every decision,
+        # and PCT over a horizon as long as the longest run so far.
+        if threads and index % 2:
+            schedule = Schedule(pct_seed(seed, horizon), PCT)
+        else:
+            schedule = Schedule(seed)
+        scheduler = ThreadScheduler(schedule, call.workers) if threads else None
         try:
-            _run_once(runner, call, plan.control, schedule)
+            _run_once(runner, call, plan.control, schedule, scheduler)
         except BaseException as exc:
             if not _is_outcome(exc):
-                _failed(item, schedule, f"schedule {index + 1} of {plan.runs}")
+                _failed(
+                    item,
+                    schedule,
+                    f"schedule {index + 1} of {plan.runs}",
+                    partly=None if scheduler is None else scheduler.partly,
+                )
             raise
+        if scheduler is not None:
+            if scheduler.partly is not None:
+                partly += 1
+                first_partly = first_partly or scheduler.partly
+            if not scheduler.ran or not schedule.decisions:
+                break
+            horizon = max(horizon, len(schedule.decisions))
+            call = again()
+            continue
         if not plan.control.ran or not plan.control.explorable:
             times = f"not {plan.runs} times" if plan.runs > 1 else "unexplored"
             state.notes.append(
                 f"{item.nodeid}: ran once, {times}: its body does not run on an event loop "
-                "pytest-concur schedules (only async bodies under the asyncio and thread "
-                "backends do, so far)"
+                "or threads pytest-concur schedules (async bodies under the asyncio and "
+                "thread backends and sync bodies under thread do, so far)"
             )
             return
         if not schedule.decisions:
             return  # one task at a time: every schedule is this one
         call = again()
+    if partly:
+        state.notes.append(
+            f"{item.nodeid}: partly controlled in {partly} of the schedules it ran: "
+            f"{first_partly}; the other threads ran meanwhile, in no seeded order"
+        )
 
 
-def _run_once(runner: _Runner, call: BodyCall, control: Control, schedule: Schedule) -> None:
+def _is_thread_body(item: pytest.Item, call: BodyCall) -> bool:
+    """Whether the body's threads are explored (a sync body under ``thread``)."""
+    return backend_of(item) == "thread" and not call.is_async
+
+
+def _run_once(
+    runner: _Runner,
+    call: BodyCall,
+    control: Control,
+    schedule: Schedule,
+    scheduler: ThreadScheduler | None = None,
+) -> None:
     __tracebackhide__ = True  # the plugin's frames are not the user's
+    if scheduler is not None:
+        try:
+            runner.run(dataclasses.replace(call, function=scheduler.wrap(call.function)))
+        finally:
+            scheduler.stop()
+        return
     control.schedule = schedule
     control.ran = False
     try:
@@ -200,15 +252,22 @@ def _replay(
     __tracebackhide__ = True  # the plugin's frames are not the user's
     state = session(item.config)
     schedule = Schedule(token.seed, token.strategy, recorded=recorded)
+    scheduler = ThreadScheduler(schedule, call.workers) if _is_thread_body(item, call) else None
     try:
-        _run_once(runner, call, plan.control, schedule)
+        _run_once(runner, call, plan.control, schedule, scheduler)
     except BaseException as exc:
         if not _is_outcome(exc):
             schedule.check_end(token)
-            _failed(item, schedule, "replay", token)
+            _failed(
+                item,
+                schedule,
+                "replay",
+                token,
+                partly=None if scheduler is None else scheduler.partly,
+            )
         raise
     schedule.check_end(token)
-    if not plan.control.ran:
+    if not (plan.control.ran if scheduler is None else scheduler.ran):
         state.notes.append(
             f"{item.nodeid}: replay of {token} passed, but its body does not run on an event "
             "loop pytest-concur schedules: nothing was replayed"
@@ -230,7 +289,12 @@ def _replay(
 
 
 def _failed(
-    item: pytest.Item, schedule: Schedule, what: str, replayed: Token | None = None
+    item: pytest.Item,
+    schedule: Schedule,
+    what: str,
+    replayed: Token | None = None,
+    *,
+    partly: str | None = None,
 ) -> None:
     """Note the failing schedule: in the report, the JUnit XML properties and the cache."""
     token = schedule.token()
@@ -250,6 +314,8 @@ def _failed(
             "randomness, I/O, threads) or a change of the code made it run another way; "
             f"this run's own schedule is {token} ({count} scheduling decisions)"
         ]
+    if partly is not None:
+        lines.append(f"This run was partly controlled: {partly}; a replay may go another way.")
     nodeid = shlex.quote(item.nodeid)
     lines += [
         "Rerun exactly this interleaving with:",
@@ -257,7 +323,7 @@ def _failed(
     ]
     if getattr(item.config, "cache", None) is not None:
         lines.append(f"  (or {REPLAY_OPTION}=last: the last failing schedule of each test)")
-    steps = schedule.last_steps(_STEPS_SHOWN, describe)
+    steps = schedule.last_steps(_STEPS_SHOWN, _describe)
     if steps:
         first = count - len(steps) + 1
         lines.append("The last scheduling decisions:" if first > 1 else "The scheduling decisions:")
@@ -277,6 +343,14 @@ def _failed(
         decisions = schedule.decisions if count <= _MAX_RECORDED else None
         last[item.nodeid] = {"token": str(token), "decisions": decisions}
         cache.set(CACHE_KEY, last)
+
+
+def _describe(owner: object, name: str) -> str:
+    """Who ran at a decision: a controlled thread (``_threads``) or a task (``_asyncio``)."""
+    step = getattr(owner, "describe_step", None)
+    if step is not None:
+        return str(step(name))
+    return describe(owner, name)
 
 
 def add_section(item: pytest.Item, report: pytest.TestReport) -> None:

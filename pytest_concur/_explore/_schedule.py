@@ -12,6 +12,15 @@ diverged proves nothing about the recorded interleaving.
 
 Invariant: :meth:`choose` draws from the generator exactly once per decision with two or
 more candidates, and never otherwise (one candidate is no decision).
+
+Two strategies. *Random* (``r``) picks uniformly among the ready candidates at every
+decision. *PCT* (``p``, probabilistic concurrency testing: priorities and change points)
+gives each candidate, the first time it is seen, a random priority, always runs the ready
+candidate of highest priority, and at ``depth - 1`` decisions drawn at random among the
+first ``horizon`` lowers the priority of the one that was running below every other: a
+schedule with few, well-placed preemptions, which random switching at every decision
+rarely makes in a long run. Its depth and horizon are part of its seed (the top four bits
+the depth, the next sixteen the horizon), so that a token is still all a replay needs.
 """
 
 from __future__ import annotations
@@ -23,16 +32,20 @@ import re
 from collections.abc import Callable, Sequence
 from typing import final
 
-# Strategies, by the letter a token names them with. The only one so far: a uniformly
-# random choice among the ready candidates at every decision.
+# Strategies, by the letter a token names them with (see the module docstring).
 RANDOM = "r"
-STRATEGIES = {RANDOM: "random"}
+PCT = "p"
+STRATEGIES = {RANDOM: "random", PCT: "PCT"}
 # The token's version: a token from another version of the scheme is refused, not misread.
 _VERSION = "1"
 _TOKEN = re.compile(
     r"^(?P<strategy>[a-z])(?P<version>\d)-(?P<seed>[0-9a-f]{10})-(?P<digest>[0-9a-f]{4})$"
 )
 _SEED_BITS = 40
+# A PCT seed: depth (4 bits), horizon (16 bits), then the random part (20 bits).
+_PCT_RANDOM_BITS = 20
+_PCT_HORIZON_BITS = 16
+PCT_DEPTH = 3
 
 
 @final
@@ -66,6 +79,25 @@ def run_seed(base: int, nodeid: str, run: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=_SEED_BITS // 8).digest(), "big")
 
 
+def pct_seed(seed: int, horizon: int, depth: int = PCT_DEPTH) -> int:
+    """A PCT schedule's seed: ``seed``'s random part, with ``depth`` and ``horizon`` in it."""
+    horizon = max(1, min(horizon, (1 << _PCT_HORIZON_BITS) - 1))
+    depth = max(1, min(depth, 15))
+    random_part = seed & ((1 << _PCT_RANDOM_BITS) - 1)
+    return (
+        (depth << (_PCT_RANDOM_BITS + _PCT_HORIZON_BITS))
+        | (horizon << _PCT_RANDOM_BITS)
+        | (random_part)
+    )
+
+
+def pct_parameters(seed: int) -> tuple[int, int]:
+    """The depth and horizon a PCT seed holds (see :func:`pct_seed`)."""
+    depth = seed >> (_PCT_RANDOM_BITS + _PCT_HORIZON_BITS)
+    horizon = (seed >> _PCT_RANDOM_BITS) & ((1 << _PCT_HORIZON_BITS) - 1)
+    return max(1, depth), max(1, horizon)
+
+
 @final
 @dataclasses.dataclass(frozen=True)
 class Step:
@@ -96,10 +128,40 @@ class Schedule:
         self._random = random.Random(seed)
         self._recorded = recorded
         self.divergence: str | None = None
+        # PCT's state: each candidate's priority, and the decisions that lower one.
+        self._priorities: dict[object, float] = {}
+        self._changes: dict[int, int] = {}
+        if strategy == PCT:
+            depth, horizon = pct_parameters(seed)
+            points = random.Random(seed ^ 0x5CA1AB1E)
+            for low in range(depth - 1, 0, -1):
+                self._changes.setdefault(points.randrange(horizon), low)
+
+    def pick(self, keys: Sequence[object], current: object = None) -> int:
+        """Which of the ready candidates ``keys`` (two or more) runs next, as an index.
+
+        ``keys`` name the candidates alike in every run of the same program (the order a
+        thread was first seen in, say); ``current`` is the one that was running (PCT
+        lowers its priority at a change point).
+        """
+        if self.strategy != PCT:
+            return self.choose(len(keys))
+        priorities = self._priorities
+        for key in keys:
+            if key not in priorities:
+                # Above every lowered priority (those are below the depth).
+                priorities[key] = PCT_DEPTH + self._random.random()
+        low = self._changes.get(len(self.decisions))
+        if low is not None and current in priorities:
+            priorities[current] = float(low) - 1.0 / (2 + len(self.decisions))
+        best = max(range(len(keys)), key=lambda index: priorities[keys[index]])
+        return self._decide(len(keys), best)
 
     def choose(self, count: int) -> int:
         """Which of ``count`` (two or more) ready candidates runs next, from 0."""
-        choice = self._random.randrange(count)
+        return self._decide(count, self._random.randrange(count))
+
+    def _decide(self, count: int, choice: int) -> int:
         recorded = self._recorded
         if recorded is not None and self.divergence is None:
             index = len(self.decisions)

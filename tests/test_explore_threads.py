@@ -1,0 +1,263 @@
+"""Exploring thread bodies: races between threads found on purpose, replayed exactly."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+TOKEN = re.compile(r"--concur-replay=([rp]1-[0-9a-f]{10}-[0-9a-f]{4})")
+
+# The read-modify-write race: each thread reads, then writes what it read plus one. The
+# operating system's scheduler almost never switches between the two lines.
+LOST_UPDATE = """
+import threading
+import pytest
+
+class Counter:
+    def __init__(self):
+        self.n = 0
+
+    def add(self):
+        v = self.n
+        self.n = v + 1
+
+RUNS = []
+
+@pytest.mark.backend("thread"{explore})
+def test_counts_every_add():
+    RUNS.append(1)
+    counter = Counter()
+    lock = threading.Lock()
+    counter.lock = lock
+    threads = [threading.Thread(target=counter.add) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert counter.n == 2, "an update was lost"
+
+def test_zz_runs():
+    print("RUNS", len(RUNS))
+"""
+
+INI = "[pytest]\nconcur_blocked_loop = 5\n"
+
+
+@pytest.fixture(autouse=True)
+def _generous_blocked_loop(pytester: pytest.Pytester) -> None:
+    pytester.makeini(INI)
+
+
+def lost_update(*, locked: bool = False, explore: int | None = None) -> str:
+    body = LOST_UPDATE.format(explore="" if explore is None else f", explore={explore}")
+    if locked:
+        body = body.replace(
+            "        v = self.n\n        self.n = v + 1",
+            "        with self.lock:\n            v = self.n\n            self.n = v + 1",
+        )
+    return body
+
+
+def test_the_lost_update_is_found_and_its_token_replays_it(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(lost_update())
+    result = pytester.runpytest("--concur-explore=100", "--concur-seed=1", "-p", "no:randomly")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: an update was lost",
+            "*- pytest-concur: schedule -*",
+            "schedule * of 100 failed: [rp]1-* (*, * scheduling decisions)",
+            "Rerun exactly this interleaving with:",
+            "*--concur-replay=*",
+            "*thread 'Thread-* (add)' (Counter.add) ran from test_the_lost_update*.py:*",
+        ]
+    )
+    token = TOKEN.search(result.stdout.str())
+    assert token is not None
+    count = re.search(r"\(\w+, (\d+) scheduling decisions\)", result.stdout.str())
+    assert count is not None
+    for _ in range(5):
+        replay = pytester.runpytest(f"--concur-replay={token[1]}", "-p", "no:randomly")
+        replay.assert_outcomes(failed=1, passed=1)
+        replay.stdout.fnmatch_lines(
+            [
+                "*AssertionError: an update was lost",
+                f"replay of {token[1]} failed again, after the same {count[1]} scheduling "
+                "decisions as the recorded run",
+            ]
+        )
+
+
+def test_a_plain_run_passes_the_lost_update(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(lost_update())
+    pytester.runpytest("-p", "no:randomly").assert_outcomes(passed=2)
+
+
+def test_the_locked_update_passes_every_schedule(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(lost_update(locked=True, explore=100))
+    result = pytester.runpytest("-p", "no:randomly", "-s")
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(["*RUNS 100*"])
+
+
+def test_check_then_act_on_a_dict_is_found(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        MADE = []
+
+        def get(cache, key):
+            if key not in cache:
+                MADE.append(key)
+                cache[key] = object()
+            return cache[key]
+
+        @pytest.mark.backend("thread", explore=100)
+        def test_made_once():
+            MADE.clear()
+            cache = {}
+            threads = [threading.Thread(target=get, args=(cache, "k")) for _ in range(2)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert MADE == ["k"], "made twice"
+        """
+    )
+    result = pytester.runpytest()
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*AssertionError: made twice", "schedule * of 100 failed: *"])
+
+
+def test_an_abba_deadlock_is_found_as_a_deadlock(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import threading
+        import pytest
+
+        @pytest.mark.backend("thread", explore=100)
+        def test_transfer():
+            a, b = threading.Lock(), threading.Lock()
+
+            def one():
+                with a:
+                    with b:
+                        pass
+
+            def other():
+                with b:
+                    with a:
+                        pass
+
+            threads = [threading.Thread(target=one), threading.Thread(target=other)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        """
+    )
+    # The deadlock itself is the finding, not the lock order it also shows.
+    pytester.makeini(INI + "concur_lock_order = off\n")
+    result = pytester.runpytest_subprocess("--concur-timeout=20")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(
+        ["*deadlock: a wait-for cycle*", "*: DeadlockError", "schedule * of 100 failed: *"]
+    )
+
+
+def test_a_thread_blocked_where_nothing_sees_does_not_hang(pytester: pytest.Pytester) -> None:
+    # time.sleep and a socket's recv are no switch points: the scheduler lets go of the
+    # sleeper after a short while, and says the run was partly controlled.
+    pytester.makepyfile(
+        """
+        import socket
+        import threading
+        import time
+        import pytest
+
+        @pytest.mark.backend("thread", explore=5)
+        def test_sleeps_and_waits():
+            left, right = socket.socketpair()
+            got = []
+
+            def receive():
+                got.append(left.recv(1))
+
+            def send():
+                time.sleep(0.1)
+                right.sendall(b"x")
+
+            threads = [threading.Thread(target=receive), threading.Thread(target=send)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            left.close()
+            right.close()
+            assert got == [b"x"]
+        """
+    )
+    result = pytester.runpytest_subprocess("--concur-timeout=30")
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(
+        ["pytest-concur: *test_sleeps_and_waits[[]thread[]]: partly controlled in * of the *"]
+    )
+
+
+def test_condition_and_event_waits_are_switch_points(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import queue
+        import threading
+        import pytest
+
+        @pytest.mark.backend("thread", explore=50)
+        def test_hand_over():
+            ready = threading.Event()
+            items = queue.Queue()
+
+            def produce():
+                ready.wait()
+                for n in range(3):
+                    items.put(n)
+
+            thread = threading.Thread(target=produce)
+            thread.start()
+            ready.set()
+            assert [items.get() for _ in range(3)] == [0, 1, 2]
+            thread.join()
+        """
+    )
+    result = pytester.runpytest_subprocess("--concur-timeout=30")
+    result.assert_outcomes(passed=1)
+    # Were these waits unseen, every run would lose control at them (a loaded machine may
+    # make one run do so anyway: a holder starved for the stall timeout).
+    assert "partly controlled in 50 of" not in result.stdout.str()
+    assert "ran once" not in result.stdout.str()
+
+
+def test_stress_copies_are_scheduled_together(pytester: pytest.Pytester) -> None:
+    # Both copies' lines interleave in some runs, which a plain run of two copies this
+    # short almost never shows.
+    pytester.makepyfile(
+        """
+        import pytest
+
+        SEEN = []
+
+        @pytest.mark.backend("thread", workers=2, explore=30)
+        def test_copies(worker_index):
+            SEEN.append(worker_index)
+            SEEN.append(worker_index)
+
+        def test_zz_orders():
+            runs = {tuple(SEEN[i : i + 4]) for i in range(0, len(SEEN), 4)}
+            assert len(SEEN) == 120
+            assert runs - {(0, 0, 1, 1), (1, 1, 0, 0)}, runs
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", "--concur-timeout=30")
+    result.assert_outcomes(passed=2)
