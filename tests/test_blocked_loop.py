@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from _helpers import run_fresh, run_maybe_fresh
+from _helpers import run_maybe_fresh
 
 # The threshold it suggests depends on how long the step took: not checked.
 HINT = (
@@ -636,61 +636,4 @@ def test_garbage_collection_is_not_the_steps_fault(pytester: pytest.Pytester, ba
             "*_ test_blocking_outside_a_collection_still_counts*",
             "*the event loop was blocked*or collected garbage)*",
         ]
-    )
-
-
-@pytest.mark.skipif(
-    not os.path.exists("/proc/thread-self/schedstat"), reason="needs Linux's scheduler statistics"
-)
-@pytest.mark.parametrize("backend", ["thread", "asyncio"])
-def test_a_step_waiting_for_the_gil_its_holder_keeps_is_not_blocking(
-    pytester: pytest.Pytester, backend: str
-) -> None:
-    # What a busy machine does to a harness thread that holds the GIL and is descheduled,
-    # made on purpose: another thread keeps the GIL in a C call that sleeps (a PyDLL call
-    # does not release it). The step only waits for the GIL: not its fault, no failure.
-    # The same step that sleeps itself, for as long, is still found (the second test).
-    pytester.makepyfile(
-        f"""
-        import asyncio, ctypes, threading, time
-        import pytest
-
-        usleep = ctypes.PyDLL(None).usleep
-        usleep.argtypes = [ctypes.c_uint]
-
-        # A threshold of 0.4 s: the wait is seen from the sampler's first look at the
-        # step (half the threshold at most), and what comes before is the step's.
-        pytestmark = pytest.mark.concur_blocked_loop(0.4)
-
-        @pytest.mark.backend("{backend}")
-        async def test_waits_for_the_gil():
-            ready, go, started = threading.Event(), threading.Event(), threading.Event()
-
-            def hog():
-                ready.set()
-                go.wait()
-                started.set()
-                usleep(1_000_000)  # holding the GIL
-
-            worker = threading.Thread(target=hog)
-            worker.start()
-            ready.wait()
-            await asyncio.sleep(0)  # the step that waits for the GIL begins
-            go.set()
-            started.wait()  # returns once the hog lets the GIL go
-            await asyncio.sleep(0)
-            worker.join()
-
-        @pytest.mark.backend("{backend}")
-        async def test_sleeps_itself():
-            await asyncio.sleep(0)
-            time.sleep(1.0)
-            await asyncio.sleep(0)
-        """
-    )
-    # In a fresh interpreter: the sampler thread and its spans are the process's.
-    result = run_fresh(pytester, "-v")
-    result.assert_outcomes(passed=1, failed=1)
-    result.stdout.fnmatch_lines_random(
-        ["*::test_waits_for_the_gil* PASSED*", "*::test_sleeps_itself* FAILED*"]
     )

@@ -119,23 +119,10 @@ def _waited(start: bytes, end: bytes) -> float | None:
         return None
 
 
-def _on_cpu(start: bytes, end: bytes) -> float | None:
-    """Seconds the thread ran on a CPU in between (field 1 of schedstat); None: unknown."""
-    if not start or not end:
-        return None
-    try:
-        return max(0.0, (int(end.split()[0]) - int(start.split()[0])) / 1e9)
-    except (IndexError, ValueError):  # pragma: no cover - a format we do not know
-        return None
-
-
 def measured_as() -> str:
     """How the check measures a step here, for its report."""
     if _schedstat():
-        return (
-            "wall time less the time its thread waited for a CPU or for a GIL holder that "
-            "could not run, or collected garbage"
-        )
+        return "wall time less the time its thread waited for a CPU or collected garbage"
     return "wall time less garbage collection: this platform tells no thread's wait for a CPU"
 
 

@@ -5,8 +5,7 @@
 - :func:`_timed_run`: the wrapper of ``asyncio.events.Handle._run``, installed once per
   session (``_patches``), which hands each handle of a followed loop to its watch's timing;
 - the sampler: a thread of its own that looks, from outside, at which line a step running
-  past the threshold is at (a loop whose thread is busy in the step cannot tell), and
-  which notices when it comes back late for want of the GIL (:func:`_stalled_during`).
+  past the threshold is at (a loop whose thread is busy in the step cannot tell).
 
 The timing itself (``blocked_loop._Timing``) is seen here only through :class:`_Timed`, so
 this module does not import the check.
@@ -15,7 +14,6 @@ this module does not import the check.
 from __future__ import annotations
 
 import _thread
-import collections
 import contextlib
 import gc
 import os
@@ -32,8 +30,6 @@ from pytest_concur._checks._blocked_clock import (
     _clock,
     _get_ident,
     _on_gc,
-    _schedstat,
-    _waited,
 )
 
 # Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
@@ -92,7 +88,6 @@ def _stop_timing(timing: _Timed) -> None:
             with contextlib.suppress(ValueError):
                 gc.callbacks.remove(_on_gc)
             _GC_SPANS.clear()
-            _STALLS.clear()
 
 
 # -- the sampler: which line a step that runs too long is at -----------------------------
@@ -120,8 +115,6 @@ class _Sampler:
         self.done = _real_lock()
         # Held from the thread's start until it runs (see wanted).
         self.started = _real_lock()
-        # While it waits between looks: when it is due back, and its schedstat then.
-        self.waiting: tuple[float, bytes] | None = None
 
     def wanted(self) -> None:
         """A watch began: make sure the sampler runs."""
@@ -165,11 +158,7 @@ class _Sampler:
                         idle_since = now
                     elif now - idle_since > _LINGER:
                         return
-                timeout = max(timeout, _MIN_TICK)
-                due, sched_before = _clock() + timeout, _schedstat()
-                self.waiting = (due, sched_before)  # see _stalled_during
-                if self.wake.acquire(timeout=timeout):
-                    self.waiting = None
+                if self.wake.acquire(timeout=max(timeout, _MIN_TICK)):
                     continue  # woken: stopping
                 timings = _TIMINGS
                 now = _clock()
@@ -177,11 +166,7 @@ class _Sampler:
                 for timing in timings:
                     with contextlib.suppress(Exception):  # a look never ends it
                         wanted = min(wanted, timing.sample(now, sys._current_frames))
-                after = _clock()
-                if after - due > _STALL:
-                    _note_stall(due, after, _waited(sched_before, _schedstat()))
-                self.waiting = None
-                timeout = wanted - after
+                timeout = wanted - _clock()
         finally:
             with self.lock:
                 self.running = False
@@ -253,53 +238,3 @@ def _timed_run(original: Callable[[Any], None]) -> Callable[[Any], None]:
         original(handle)
 
     return _run
-
-
-# -- the interpreter lock: waits that no step is to blame for ---------------------------
-#
-# A loop's thread that waits for the GIL is off its CPU, as in a blocking call, and its own
-# scheduler statistics do not tell the two apart. On a busy machine another thread can be
-# descheduled while it holds the GIL (a harness's I/O thread, the sampler itself), and the
-# step then "takes" as long as that thread waits for a CPU. The sampler notices: it too
-# needs the GIL to come back from its wait, so it comes back late. Each time it is late by
-# more than _STALL for a reason other than its own wait for a CPU, the span is kept; a step
-# over the threshold is not charged the part of such spans during which its own thread was
-# off its CPU (a step that computes holds the GIL, and is charged in full).
-_STALL = 0.02
-_STALLS: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
-
-
-def _note_stall(due: float, back: float, own_wait: float | None) -> None:
-    """The sampler came back at ``back``, due at ``due``, having waited ``own_wait`` for a CPU."""
-    if own_wait is None:  # no scheduler statistics: its lateness may be its own CPU wait
-        return
-    if back - due - own_wait > _STALL:
-        # The span it waited for the GIL, as nearly as one can say: its own CPU wait is
-        # taken off the start.
-        _STALLS.append((due + own_wait, back))
-
-
-def _stalled_during(start: float, end: float) -> float:
-    """Seconds of GIL stalls the sampler saw between ``start`` and ``end``.
-
-    With the one it is in now, if it is overdue: when the GIL's holder lets go, the loop's
-    thread may take it first and judge its step before the sampler is back to say so.
-    """
-    spans = list(_STALLS)
-    sampler = _sampler
-    waiting, native_id = sampler.waiting, sampler.native_id
-    if waiting is not None and native_id is not None and end - waiting[0] > _STALL:
-        due, sched_before = waiting
-        own_wait = _waited(sched_before, _task_schedstat(native_id))
-        if own_wait is not None and end - due - own_wait > _STALL:
-            spans.append((due + own_wait, end))
-    return sum(max(0.0, min(end, stop) - max(start, began)) for began, stop in spans)
-
-
-def _task_schedstat(native_id: int) -> bytes:
-    """Another thread's scheduler statistics (Linux), ``b""`` if it has none or is gone."""
-    try:
-        with open(f"/proc/self/task/{native_id}/schedstat", "rb") as stream:
-            return stream.read(64)
-    except OSError:
-        return b""

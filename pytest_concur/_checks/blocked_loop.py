@@ -60,7 +60,6 @@ from pytest_concur._checks._blocked_clock import (
     _clock,
     _gc_during,
     _get_ident,
-    _on_cpu,
     _reader,
     _schedstat,
     _waited,
@@ -70,7 +69,6 @@ from pytest_concur._checks._blocked_sampler import (
     _MIN_TICK,
     _loop_followed,
     _real_lock,
-    _stalled_during,
     _start_timing,
     _stop_timing,
     _timed_run,
@@ -337,11 +335,6 @@ class _Timing:
             else:
                 continue  # idle, or running a handle of no followed loop
             age = now - start
-            if age < self._threshold / 2:
-                # Back once at half the threshold, only to have come back: a wait for the
-                # GIL that began in the step is then seen from there (_stalled_during).
-                wanted = min(wanted, start + self._threshold / 2)
-                continue
             if age <= self._threshold:
                 wanted = min(wanted, start + self._threshold + _MIN_TICK)
                 continue
@@ -407,12 +400,6 @@ class _Timing:
         # Nor the garbage collector's pauses: a full collection in a long session (many
         # objects alive) can take longer than the threshold, in whichever step it lands.
         held -= _gc_during(state.thread, start, start + elapsed)
-        # Nor waits for the GIL while its holder could not run (see _blocked_sampler): only
-        # the part of them its own thread spent off its CPU, neither running nor runnable.
-        on_cpu = _on_cpu(sched_start, sched_end)
-        if on_cpu is not None and held > self._watch.threshold:
-            off_cpu = max(0.0, elapsed - on_cpu - (waited or 0.0))
-            held -= min(off_cpu, _stalled_during(start, start + elapsed))
         with self._lock:
             looks = state.looks
             if looks is not None and looks[0] == start:
