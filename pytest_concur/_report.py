@@ -47,6 +47,18 @@ def add_section(report: pytest.TestReport, title: str, text: str) -> None:
         report.longrepr = f"{longrepr}\n\n{title}:\n{text}"
 
 
+def add_stashed_section(
+    item: pytest.Item, key: pytest.StashKey[str], report: pytest.TestReport, title: str
+) -> None:
+    """Take the text ``item`` keeps under ``key`` and put it under ``report``'s failure."""
+    text = item.stash.get(key, None)
+    if text is None:
+        return
+    del item.stash[key]
+    if report.failed:
+        add_section(report, title, text)
+
+
 def end_at_the_wait(excinfo: pytest.ExceptionInfo[BaseException]) -> None:
     """End the traceback of a DeadlockError or HangError at the user's waiting line.
 

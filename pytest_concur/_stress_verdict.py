@@ -83,12 +83,7 @@ def combine(
 
 def add_section(item: pytest.Item, report: pytest.TestReport) -> None:
     """Put the summary of the copies under the failure in ``report``, if there is one."""
-    text = item.stash.get(_SECTION_TEXT, None)
-    if text is None:
-        return
-    del item.stash[_SECTION_TEXT]
-    if report.failed:
-        _report.add_section(report, SECTION, text)
+    _report.add_stashed_section(item, _SECTION_TEXT, report, SECTION)
 
 
 def failure_key(error: BaseException | None) -> Hashable:

@@ -355,12 +355,7 @@ def _describe(owner: object, name: str) -> str:
 
 def add_section(item: pytest.Item, report: pytest.TestReport) -> None:
     """Put the failing schedule's section under the failure in ``report``."""
-    text = item.stash.get(_SECTION_TEXT, None)
-    if text is None:
-        return
-    del item.stash[_SECTION_TEXT]
-    if report.failed:
-        _report.add_section(report, SECTION, text)
+    _report.add_stashed_section(item, _SECTION_TEXT, report, SECTION)
 
 
 def summary(config: pytest.Config) -> list[str]:

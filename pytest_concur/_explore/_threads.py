@@ -40,6 +40,7 @@ from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _locks, _patches
+from pytest_concur._checks._where import short_path
 from pytest_concur._explore._schedule import Schedule
 from pytest_concur._stacks import PACKAGE
 
@@ -405,7 +406,7 @@ class ThreadScheduler:
             tracker = _locks.TRACKER
             if tracker is None or tracker.verdict is None:
                 filename, lineno = me.where
-                at = f" (after {_short(filename)}:{lineno})" if filename else ""
+                at = f" (after {short_path(filename)}:{lineno})" if filename else ""
                 self.partly = (
                     f"thread {me.name!r} waited on something pytest-concur does not schedule{at}"
                 )
@@ -455,7 +456,7 @@ class ThreadScheduler:
             if others:
                 if self.partly is None:
                     filename, lineno = holder.where
-                    at = f" after {_short(filename)}:{lineno}" if filename else ""
+                    at = f" after {short_path(filename)}:{lineno}" if filename else ""
                     self.partly = (
                         f"thread {holder.name!r} reached no switch point for "
                         f"{STALL * 1000:.0f} ms{at} (a wait pytest-concur cannot see: "
@@ -473,14 +474,6 @@ def _copy_index() -> int:
 
     index = getattr(_stress, "_COPY_INDEX", None)  # the copy's context holds it
     return int(index.get(0)) if index is not None else 0
-
-
-def _short(filename: str) -> str:
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:
-        return filename
-    return filename if relative.startswith("..") else relative
 
 
 # -- what is user code ------------------------------------------------------------------
