@@ -47,6 +47,14 @@ def collect(config: pytest.Config) -> BackendRegistry:
     return BackendRegistry(backends)
 
 
+def checks(config: pytest.Config) -> tuple[Check, ...]:
+    """The session's checks, gathered at its start (``plugin.pytest_sessionstart``)."""
+    found = config.stash.get(CHECKS, None)
+    if found is None:
+        found = config.stash[CHECKS] = collect_checks(config)
+    return found
+
+
 def collect_checks(config: pytest.Config) -> tuple[Check, ...]:
     """Ask every plugin for its checks and check them; raise a usage error on a bad one."""
     from pytest_concur._backends.base import Check

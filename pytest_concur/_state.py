@@ -19,7 +19,7 @@ BACKEND_NAME = pytest.StashKey[str]()
 LATER = pytest.StashKey["list[Callable[[], str | None]]"]()
 # Modules whose fixtures the leak checks never judge: pytest's own and ours.
 UNWATCHED_MODULES = ("_pytest.", "pytest_concur.")
-# The parameter of pytest-concur's autouse fixture that carries the backend's name.
+# The parameter that carries the backend's name (also a fixture a test may ask for).
 FIXTURE = "concur_backend"
 
 # How many test protocols this process has begun (pytester's inner runs included): what

@@ -251,7 +251,7 @@ _CLEANUP = {
         "_end_orphans",
         "_dump_stacks",
     ),
-    "pytest_concur.plugin": ("_close",),
+    "pytest_concur._items": ("_close",),
     __name__: ("arm", "disarm", "_strike_if_due"),
 }
 

@@ -34,7 +34,6 @@ The design, and what it keeps:
 from __future__ import annotations
 
 import functools
-import pickle
 import sys
 import traceback
 import unittest
@@ -188,6 +187,8 @@ def _check_travels(item: TestCaseItem) -> None:
         method, why = resolve_auto()
     if method == "fork":
         return  # the child inherits the instance
+    import pickle  # here: a session without the process backend need not import it
+
     try:
         pickle.dumps(item._case)
     except Exception as exc:

@@ -7,31 +7,50 @@ multiprocessing, asyncio) is imported when the first test needs it, not by
 
 from __future__ import annotations
 
-import functools
-import inspect
 import sys
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from pytest_concur import _claim, _marker, _registry
-from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, FIXTURE, item_began
+from pytest_concur._items import MARKER_ERRORS
+from pytest_concur._state import BACKEND_NAME, FIXTURE
 from pytest_concur._state import parametrized_backend as _backend_name
 
 if TYPE_CHECKING:
     from pytest_concur._workers._concur import Concur
 
-_RUNNER = pytest.StashKey[Any]()
-# Functions whose backend marker was rejected, by nodeid: the message their items fail with.
-_MARKER_ERRORS = pytest.StashKey[dict[str, str]]()
 _TRACKING_LOCKS = pytest.StashKey[bool]()
+# Ends the session's lock tracking once (see _track_locks and pytest_collection_finish).
+_UNTRACK_LOCKS = pytest.StashKey[Callable[[], None]]()
+
+# The plugins whose hooks run for every item and have nothing to do for an item that runs
+# plainly: a session in which no item runs under a backend unregisters them (see
+# pytest_collection_finish). The summary's collector stays: it answers for the session.
+_ITEMS = "concur-items"
+_PER_ITEM_PLUGINS = (
+    _ITEMS,
+    "concur-summary",
+    "concur-timeout",
+    "concur-async-fixtures",
+    "concur-unittest",
+    "concur-fixture-checks",
+    "concur-fixture-thread-errors",
+)
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
     from pytest_concur import hookspecs
 
     pluginmanager.add_hookspecs(hookspecs)
+    # The hooks around each item, registered right after this module (pytest calls this as
+    # it registers us), in its place among the plugins: before the conftest files and the
+    # plugins of later entry points, whose wrappers of the same hooks stay outside ours.
+    from pytest_concur import _items
+
+    if pluginmanager.get_plugin(_ITEMS) is None:
+        pluginmanager.register(_items, _ITEMS)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -250,8 +269,17 @@ def _track_locks(config: pytest.Config) -> None:
     from pytest_concur import _locks
 
     _locks.install()
+    untracked = False
+
+    def untrack() -> None:
+        nonlocal untracked  # once: the installs of nested sessions (pytester) are a stack
+        if not untracked:
+            untracked = True
+            _locks.uninstall()
+
+    config.stash[_UNTRACK_LOCKS] = untrack
     # Run by _ensure_unconfigure, which pytest calls on every way out, a failed start too.
-    config.add_cleanup(_locks.uninstall)
+    config.add_cleanup(untrack)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -322,7 +350,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     config = session.config
     registry = _registry.collect(config)
     config.stash[_registry.REGISTRY] = registry
-    config.stash[_registry.CHECKS] = _registry.collect_checks(config)
+    # Made now, even in a session without backends: a bad ini key of a check is a usage
+    # error whichever tests a run selects.
+    _registry.checks(config)
     for name, backend in registry.items():
         config.addinivalue_line(
             "markers",
@@ -370,11 +400,12 @@ def _explore_asked(config: pytest.Config) -> bool:
     ) or bool(str(config.getini(_marker.EXPLORE_INI) or "").strip())
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def concur_backend() -> str | None:
     """The name of the backend this test runs under, or ``None`` outside pytest-concur."""
-    # Items that run under a backend get this fixture parametrized with the name, so this
-    # body only runs for the others.
+    # Items that run under a backend get this name parametrized with the backend's (see
+    # pytest_generate_tests), so this body only runs for the others that ask for it. Not
+    # autouse: every test of every session with the plugin installed would pay for it.
     return None
 
 
@@ -419,19 +450,18 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         selection = _marker.select(metafunc.definition, registry)
         if selection is None:
             return
-        if FIXTURE not in metafunc.fixturenames:
-            pytest.fail(
-                f"{metafunc.definition.name} asks for backends but does not use "
-                f"pytest-concur's autouse {FIXTURE!r} fixture: a conftest.py overrides it "
-                "without autouse=True.",
-                pytrace=False,
-            )
     except pytest.fail.Exception as exc:
         # Raised here it would be a collection error of the whole module: make it an
         # error of this test alone, at its setup (see pytest_runtest_setup).
-        errors = metafunc.config.stash.setdefault(_MARKER_ERRORS, {})
+        errors = metafunc.config.stash.setdefault(MARKER_ERRORS, {})
         errors[metafunc.definition.nodeid] = str(exc.msg or exc)
         return
+    if FIXTURE not in metafunc.fixturenames:
+        # Parametrizing a name requires that the function uses it. Named here for the
+        # functions that run under a backend only; pytest prunes it again from the items
+        # whose function does not ask for it, and their callspec keeps the backend's name,
+        # which is all the plugin reads (_state.parametrized_backend).
+        metafunc.fixturenames.append(FIXTURE)
     metafunc.parametrize(
         FIXTURE,
         [
@@ -440,6 +470,45 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         ],
         scope="function",
     )
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """No item runs under a backend: the per-item hooks and the lock tracking go.
+
+    What a plain session pays for the plugin is then its session hooks and the summary's
+    collector; the locks made from here on are plain ones (they could only matter to a body
+    run under a backend). Decided in each process that runs items (each xdist worker for
+    its own collection).
+    """
+    config = session.config
+    if _uses_backends(session):
+        return
+    pluginmanager = config.pluginmanager
+    for name in _PER_ITEM_PLUGINS:
+        plugin = pluginmanager.get_plugin(name)
+        if plugin is not None:
+            pluginmanager.unregister(plugin)
+    untrack = config.stash.get(_UNTRACK_LOCKS, None)
+    if untrack is not None:
+        untrack()
+
+
+def _uses_backends(session: pytest.Session) -> bool:
+    """Whether any item needs the per-item hooks: it runs under a backend, its marker was
+    rejected (it fails at setup), or the checks watch plain tests too."""
+    config = session.config
+    if config.stash.get(MARKER_ERRORS, None) or _check_all(config):
+        return True
+    return any(
+        _backend_name(item) is not None or BACKEND_NAME in item.stash for item in session.items
+    )
+
+
+def _check_all(config: pytest.Config) -> bool:
+    from pytest_concur._checks.fixtures import check_all
+
+    return check_all(config)
 
 
 def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Item]) -> str | None:
@@ -453,94 +522,6 @@ def pytest_report_collectionfinish(config: pytest.Config, items: list[pytest.Ite
         for plugin, count in _marker.left_to_others(config).items()
     ]
     return "\n".join(lines) or None
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_protocol(item: pytest.Item) -> Generator[None, object, object]:
-    config = item.config
-    config.stash[CURRENT_ITEM] = item
-    item_began()
-    try:
-        return (yield)
-    finally:
-        config.stash[CURRENT_ITEM] = None
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    name = _backend_name(item)
-    if name is not None:
-        item.stash[BACKEND_NAME] = name
-    errors = item.config.stash.get(_MARKER_ERRORS, None)
-    if errors and isinstance(item, pytest.Function):
-        # Every item of a function whose marker was rejected (it may have other parameters).
-        message = errors.get(f"{item.parent.nodeid}::{item.originalname}" if item.parent else "")
-        if message is not None:
-            pytest.fail(message, pytrace=False)
-    if name is not None and (
-        _marker.explore(item) or item.config.getoption("concur_replay") is not None
-    ):
-        from pytest_concur._explore import prepare
-
-        prepare(item)  # before the fixtures make the item's loop
-
-
-@pytest.hookimpl(tryfirst=True)
-def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
-    __tracebackhide__ = True  # the plugin's frames are not the user's
-    name = pyfuncitem.stash.get(BACKEND_NAME, None)
-    if name is None:
-        return None
-    from pytest_concur._backends.base import BodyCall
-    from pytest_concur._stress import copies
-
-    config = pyfuncitem.config
-    backend = config.stash[_registry.REGISTRY][name]
-
-    def make_call() -> BodyCall:
-        watches = [check.watch(pyfuncitem) for check in config.stash[_registry.CHECKS]]
-        return BodyCall(
-            item=pyfuncitem,
-            function=pyfuncitem.obj,
-            kwargs=_body_kwargs(pyfuncitem),
-            run_coroutine=functools.partial(_run_on_item_loop, pyfuncitem),
-            watches=[watch for watch in watches if watch is not None],
-            workers=copies(pyfuncitem),
-        )
-
-    call = make_call()
-    runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
-    if "pytest_concur._explore" in sys.modules:
-        from pytest_concur._explore import exploring, run
-
-        if exploring(pyfuncitem):
-            run(pyfuncitem, runner, call, make_call)  # each run with fresh watches
-            return True
-    runner.run(call)
-    return True
-
-
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_makereport(
-    item: pytest.Item, call: pytest.CallInfo[None]
-) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-    if call.excinfo is not None and "pytest_concur._locks" in sys.modules:
-        from pytest_concur._report import end_at_the_wait
-
-        end_at_the_wait(call.excinfo)  # a deadlock or a hang, under a backend or not
-    report = yield
-    if call.when == "call" and BACKEND_NAME in item.stash:
-        from pytest_concur._report import apply_longrepr
-
-        apply_longrepr(item, call, report)
-        from pytest_concur._stress import add_section
-
-        add_section(item, report)
-        if "pytest_concur._explore" in sys.modules:
-            from pytest_concur._explore import add_section as add_schedule_section
-
-            add_schedule_section(item, report)
-    return report
 
 
 @pytest.hookimpl(wrapper=True, trylast=True)
@@ -567,55 +548,3 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
 
     for line in serial_summary(config):
         terminalreporter.write_line(line)
-
-
-@pytest.hookimpl(wrapper=True, trylast=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    __tracebackhide__ = True  # the plugin's frames are not the user's
-    try:
-        yield
-    finally:
-        if BACKEND_NAME in item.stash:
-            _close(item)
-
-
-def _run_on_item_loop(item: pytest.Item, coro: Coroutine[Any, Any, Any]) -> Any:
-    """Run ``coro`` on the item's own loop, made on first use: a sync body never needs one."""
-    __tracebackhide__ = True  # the plugin's frames are not the user's
-    from pytest_concur._item_loops import item_loop
-
-    return item_loop(item).run(coro)
-
-
-def _close(item: pytest.Item) -> None:
-    runner = item.stash.get(_RUNNER, None)
-    try:
-        if runner is not None:
-            del item.stash[_RUNNER]
-            runner.close()
-    finally:
-        # No module, no loop: a session of sync bodies need not import asyncio to say so.
-        loops = sys.modules.get("pytest_concur._item_loops")
-        if loops is not None:
-            loops.close_item_loop(item)
-
-
-def _body_kwargs(item: pytest.Function) -> dict[str, Any]:
-    """The fixture values and parameters the test function itself takes."""
-    funcargs = item.funcargs
-    function = item.obj
-    if inspect.ismethod(function):  # a method's items are bound to instances of their own
-        names = _parameter_names(function.__func__)[1:]
-    else:
-        names = _parameter_names(function)
-    return {name: funcargs[name] for name in names if name in funcargs}
-
-
-@functools.lru_cache(maxsize=4096)
-def _parameter_names(function: Callable[..., Any]) -> tuple[str, ...]:
-    """The names ``function`` takes by keyword: read once per test function, not per item."""
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # pragma: no cover - builtins and the like
-        return ()
-    return tuple(p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))

@@ -157,6 +157,33 @@ def test_concur_backend_fixture_is_none_outside_backends(pytester: pytest.Pytest
     pytester.runpytest().assert_outcomes(passed=1)
 
 
+def test_concur_backend_is_a_fixture_only_of_the_tests_that_ask_for_it(
+    pytester: pytest.Pytester,
+) -> None:
+    # Not autouse: a plain test pays for no fixture of ours. A test under a backend that
+    # does not ask for it still carries the backend's name in its id and callspec.
+    pytester.makepyfile(
+        """
+        import pytest
+
+        def test_plain(request):
+            assert "concur_backend" not in request.fixturenames
+
+        @pytest.mark.backend("thread")
+        def test_silent(request):
+            assert "concur_backend" not in request.fixturenames
+            assert request.node.callspec.params["concur_backend"] == "thread"
+
+        @pytest.mark.backend("thread")
+        def test_asks(concur_backend):
+            assert concur_backend == "thread"
+        """
+    )
+    result = pytester.runpytest("-v")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*test_silent?thread? PASSED*", "*test_asks?thread? PASSED*"])
+
+
 def test_option_parametrizes_tests_without_a_marker(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(
         """

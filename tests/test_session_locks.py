@@ -465,3 +465,30 @@ def test_session_locks_off_tracks_only_the_locks_a_body_makes(pytester: pytest.P
     )
     result = run(pytester)
     result.assert_outcomes(passed=2)
+
+
+LOCK_KINDS = """
+import _thread, threading
+import pytest
+
+def test_plain():
+    assert (type(threading.Lock()) is _thread.LockType) == {plain_lock}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "plain_lock"),
+    [
+        ("", True),  # no item runs under a backend: locks made from here on are plain
+        ("@pytest.mark.backend('thread')\ndef test_under_a_backend():\n    pass\n", False),
+    ],
+    ids=["no-backend-item", "a-backend-item"],
+)
+def test_a_session_without_backend_items_stops_tracking_after_collection(
+    pytester: pytest.Pytester, extra: str, plain_lock: bool
+) -> None:
+    # What a plain suite pays for the plugin being installed: nothing per lock it makes in
+    # its tests, once collection has shown that no body runs under a backend.
+    pytester.makepyfile(LOCK_KINDS.format(plain_lock=plain_lock) + extra)
+    result = pytester.runpytest_subprocess(*NO_RANDOMLY, timeout=120)
+    result.assert_outcomes(passed=2 if extra else 1)

@@ -450,7 +450,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> Generator[None, object, o
     from pytest_concur import _registry
     from pytest_concur._watching import _report
 
-    checks = pyfuncitem.config.stash[_registry.CHECKS]
+    checks = _registry.checks(pyfuncitem.config)
     watches = [watch for check in checks if (watch := check.watch(pyfuncitem)) is not None]
     for watch in watches:
         watch.begin()
