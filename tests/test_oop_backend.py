@@ -1,72 +1,31 @@
 """Out-of-process backends written outside the package, on the public job API (issue 15).
 
-Each conftest below is what a third party writes: a backend registered through
+Each conftest here is what a third party writes: a backend registered through
 ``pytest_concur_add_backends`` that sends the body elsewhere with ``pack_jobs``, runs it
-there with ``run_job`` and gives the verdict with ``raise_outcomes``. ``fresh`` spawns a
-new ``python`` per copy (every supported Python); ``subinterpreter`` uses
-``concurrent.interpreters`` (3.14+).
+there with ``run_job`` and gives the verdict with ``raise_outcomes``. ``fresh``, the example
+of docs/plugins.md, spawns a new ``python`` per copy (every supported Python);
+``subinterpreter`` uses ``concurrent.interpreters`` (3.14+).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 
-FRESH_PYTHON = """
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
-
-import pytest_concur
-
-# The other side: read a job on stdin, write its outcome to the file named by argv[1].
-CHILD = (
-    "import sys\\n"
-    "from pathlib import Path\\n"
-    "from pytest_concur import run_job\\n"
-    "Path(sys.argv[1]).write_bytes(run_job(sys.stdin.buffer.read()))\\n"
-)
+DOCS = Path(__file__).parent.parent / "docs" / "plugins.md"
 
 
-class FreshRunner:
-    def __init__(self):
-        self.children = []
-
-    def run(self, call):
-        jobs = pytest_concur.pack_jobs(call, where="a fresh python")
-        with tempfile.TemporaryDirectory() as tmp:
-            paths = [Path(tmp, f"outcome{i}") for i in range(len(jobs))]
-            for job, path in zip(jobs, paths):  # every copy at once (stress mode)
-                child = subprocess.Popen(
-                    [sys.executable, "-c", CHILD, str(path)], stdin=subprocess.PIPE
-                )
-                self.children.append(child)
-                child.stdin.write(job)
-                child.stdin.close()
-            for child in self.children:
-                child.wait()
-            outcomes = [path.read_bytes() if path.exists() else None for path in paths]
-        pytest_concur.raise_outcomes(call, outcomes)
-
-    def close(self):  # a timeout or ^C may have ended the wait: no child outlives its test
-        for child in self.children:
-            child.kill()
-            child.wait()
+def _docs_example(after: str) -> str:
+    """The first Python code block of docs/plugins.md after the line ``after``."""
+    text = DOCS.read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```\n", start)]
 
 
-class FreshBackend:
-    name = "fresh"
-    description = "the body runs in a fresh python started with subprocess"
-
-    def start(self, item):
-        return FreshRunner()
-
-
-def pytest_concur_add_backends(config):
-    return [FreshBackend()]
-"""
+# The documented example itself, so that the docs show what is tested.
+FRESH_PYTHON = _docs_example("A backend that starts a fresh `python` for each copy:")
 
 SUBINTERPRETER = """
 import threading
@@ -147,6 +106,7 @@ def test_a_third_party_backend_passes_fails_and_skips_elsewhere(
             assert (os.getpid(), id(sys.modules)) != here
 
         def test_fails():
+            print("printed over there")
             x = 1
             assert x == 2
 
@@ -169,11 +129,13 @@ def test_a_third_party_backend_passes_fails_and_skips_elsewhere(
             f"*test_fails[[]{name}[]]*",
             ">       assert x == 2",
             "E       assert 1 == 2",
+            "*Captured stdout call*",
+            "printed over there",
         ]
     )
     result.stdout.fnmatch_lines(
         [
-            "SKIPPED [[]1[]] test_a_third_party_backend_passes_fails_and_skips_elsewhere.py:19: not over there",
+            "SKIPPED [[]1[]] test_a_third_party_backend_passes_fails_and_skips_elsewhere.py:20: not over there",
             f"XFAIL *test_xfails[[]{name}[]]* - known bug",
         ]
     )
