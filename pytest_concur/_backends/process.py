@@ -5,7 +5,9 @@ process as usual, once, and their values are handed to the child: under ``fork``
 default on Linux) the child simply has them, as it has the whole test process; under
 ``spawn`` and ``forkserver`` they are pickled, and one that cannot be is an error naming the
 fixture. The child renders a failure with pytest's own machinery, where the frames are, and
-sends the rendering back (see ``_child``).
+sends the rendering back (see ``_child``). The job and the verdict from the children's
+outcomes are made by ``jobs``, the same pieces that out-of-process backends of other
+packages use through the public API.
 
 No child outlives its test: whatever ends the wait (the body finished, a crash, a timeout
 raised by pytest-timeout, ^C), the child is sent SIGTERM, given a grace period so coverage
