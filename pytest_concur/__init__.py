@@ -14,7 +14,9 @@ import importlib
 import typing
 
 if typing.TYPE_CHECKING:
+    from pytest_concur._backends._child import run_job
     from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
+    from pytest_concur._backends.jobs import pack_jobs, raise_outcomes
     from pytest_concur._errors import (
         DeadlockError,
         HangError,
@@ -41,6 +43,9 @@ __all__ = [
     "WorkerProcessTraceback",
     "WorkerTimeoutError",
     "__version__",
+    "pack_jobs",
+    "raise_outcomes",
+    "run_job",
 ]
 
 # Where each public name lives (the TYPE_CHECKING imports above say the same to type checkers).
@@ -50,6 +55,9 @@ _HOMES = {
     "Check": "pytest_concur._backends.base",
     "Runner": "pytest_concur._backends.base",
     "Watch": "pytest_concur._backends.base",
+    "pack_jobs": "pytest_concur._backends.jobs",
+    "raise_outcomes": "pytest_concur._backends.jobs",
+    "run_job": "pytest_concur._backends._child",
     "DeadlockError": "pytest_concur._errors",
     "HangError": "pytest_concur._errors",
     "PotentialDeadlockWarning": "pytest_concur._errors",

@@ -210,6 +210,9 @@ def test_public_api_is_what_all_says() -> None:
         "WorkerProcessTraceback",
         "WorkerTimeoutError",
         "__version__",
+        "pack_jobs",
+        "raise_outcomes",
+        "run_job",
     ]
     for name in pytest_concur.__all__:
         assert hasattr(pytest_concur, name)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import faulthandler
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -104,6 +103,8 @@ _CRASH: Any = None  # the open file a crash's dump goes to (see _install_crash_d
 _BODY_PID: int | None = None  # the process that runs the body (not one it forked)
 # How long a stress-mode child waits for the others to start before it starts anyway.
 GO_TIMEOUT = 30.0
+# What a job of pytest_concur.pack_jobs starts with (see _backends.jobs).
+JOB_TAG = "pytest-concur job 1"
 
 
 def main(
@@ -126,6 +127,9 @@ def main(
         os.setpgid(0, 0)
     if boot is not None:
         _bootstrap(boot)
+    # Imported here: it cannot be loaded in a subinterpreter, where run_job may run.
+    import faulthandler
+
     if DUMP_SIGNAL is not None:
         # The real stderr (fd 2): under --capture=sys, sys.stderr has no file descriptor.
         with contextlib.suppress(Exception):
@@ -137,6 +141,55 @@ def main(
         _install_stack_dump(job.stack_path)
     if job.crash_path is not None:
         _install_crash_dump(job.crash_path)
+    ready = (lambda: go.wait(GO_TIMEOUT)) if go is not None else None
+    outcome = execute(job, item, ready)
+    # The interpreter's own streams may hold output echoed to them (--capture=tee-sys);
+    # a forked child leaves through os._exit, which would drop their buffers.
+    for stream in (sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    conn.send_bytes(_dumps(outcome))
+    conn.close()
+
+
+def run_job(job: bytes) -> bytes:
+    """Run one job of :func:`pytest_concur.pack_jobs` here; its outcome, for ``raise_outcomes``.
+
+    Call it in the interpreter the job was made for (a fresh ``python`` of the same
+    environment, a subinterpreter): it makes the test and conftest modules that the
+    parent's pytest imported importable here, then runs the body as the ``process``
+    backend's child does: inside the checks' watches, an ``async def`` body on an event
+    loop of its own, its warnings recorded and pytest's rendering of a failure made here,
+    where the frames are. It does not raise for what the body did: every outcome is in
+    the bytes it returns. What the body prints goes to this interpreter's stdout and
+    stderr (under pytest's default ``--capture=fd``, a child process that inherited the
+    parent's file descriptors is captured with the test).
+    """
+    tag, boot, data = pickle.loads(job)
+    if tag != JOB_TAG or not isinstance(boot, Bootstrap) or not isinstance(data, bytes):
+        raise ValueError("run_job was given something that pack_jobs did not make")
+    # One finder of the parent's modules, however many jobs this interpreter runs.
+    sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, _ParentModules)]
+    _bootstrap(boot)
+    loaded = pickle.loads(data)
+    assert isinstance(loaded, Job)
+    outcome = execute(loaded)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    return _dumps(outcome)
+
+
+def execute(
+    job: Job, item: pytest.Item | None = None, ready: Callable[[], object] | None = None
+) -> Outcome:
+    """Run ``job`` here and say how it ended, with its warnings and sys-captured output.
+
+    ``item`` is the test item when this process has it (a forked child): the copy hooks
+    are then called around the body, and failures rendered by the item itself. ``ready``
+    waits for the other copies (stress mode), after the setup hook.
+    """
     marks = (_mark(sys.stdout), _mark(sys.stderr))
     # Record the body's warnings to send them back, unless the test records them itself
     # (recwarn): then they are its business, inside the child.
@@ -147,7 +200,6 @@ def main(
         if job.warning_filters is not None:
             warnings.filters[:] = job.warning_filters  # type: ignore[index]
         try:
-            ready = (lambda: go.wait(GO_TIMEOUT)) if go is not None else None
             if item is not None:
                 # Forked: the item and its hooks are here. The copy hooks run in this child,
                 # the setup one before the copies are let go together.
@@ -165,14 +217,7 @@ def main(
     outcome.warnings = [_warning(w) for w in caught or ()]
     outcome.graphs = _locks.take_graphs()
     outcome.stdout, outcome.stderr = _since(sys.stdout, marks[0]), _since(sys.stderr, marks[1])
-    # The interpreter's own streams may hold output echoed to them (--capture=tee-sys);
-    # a forked child leaves through os._exit, which would drop their buffers.
-    for stream in (sys.__stdout__, sys.__stderr__):
-        with contextlib.suppress(Exception):
-            if stream is not None:
-                stream.flush()
-    conn.send_bytes(_dumps(outcome))
-    conn.close()
+    return outcome
 
 
 def _install_stack_dump(path: str) -> None:
@@ -184,6 +229,8 @@ def _install_stack_dump(path: str) -> None:
     tasks), which the parent prefers when it comes. Appending: processes forked from this
     one inherit both handlers and the file.
     """
+    import faulthandler
+
     global _STACKS, _BODY_PID
     assert DUMP_SIGNAL is not None
     _BODY_PID = os.getpid()
@@ -200,6 +247,8 @@ def _install_crash_dump(path: str) -> None:
     the parent's stderr made before capturing began): the dump would land in the progress
     line, with the parent's pytest frames the fork copied.
     """
+    import faulthandler
+
     global _CRASH
     with contextlib.suppress(Exception):
         _CRASH = open(path, "w")  # noqa: SIM115 - open for the process's life

@@ -5,7 +5,9 @@ process as usual, once, and their values are handed to the child: under ``fork``
 default on Linux) the child simply has them, as it has the whole test process; under
 ``spawn`` and ``forkserver`` they are pickled, and one that cannot be is an error naming the
 fixture. The child renders a failure with pytest's own machinery, where the frames are, and
-sends the rendering back (see ``_child``).
+sends the rendering back (see ``_child``). The job and the verdict from the children's
+outcomes are made by ``jobs``, the same pieces that out-of-process backends of other
+packages use through the public API.
 
 No child outlives its test: whatever ends the wait (the body finished, a crash, a timeout
 raised by pytest-timeout, ^C), the child is sent SIGTERM, given a grace period so coverage
@@ -14,7 +16,6 @@ and ``finally`` blocks can finish, then SIGKILL, and reaped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import faulthandler
 import os
@@ -27,11 +28,13 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, final
+from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
+from pytest_concur._backends import jobs
 from pytest_concur._backends.base import BodyCall
+from pytest_concur._backends.jobs import ChildFailure as ChildFailure
 
 if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
@@ -95,10 +98,6 @@ def resolve_auto() -> tuple[str, str]:
     )
 
 
-class ChildFailure(Exception):
-    """Stands in for an exception raised in the child that could not be sent back as is."""
-
-
 @final
 class ProcessBackend:
     """Run each test body in a child process started with the configured start method."""
@@ -136,20 +135,7 @@ class _ProcessRunner:
         import multiprocessing
         import multiprocessing.connection
 
-        from pytest_concur._backends import _child
-
-        config = self._item.config
-        job = _child.Job(
-            function=call.function,
-            kwargs=dict(call.kwargs),
-            nodeid=self._item.nodeid,
-            tbstyle=str(config.getoption("tbstyle", "auto")),
-            showlocals=bool(config.getoption("showlocals", False)),
-            fulltrace=bool(config.getoption("fulltrace", False)),
-            verbosity=config.get_verbosity(),
-            watches=list(call.watches),
-            uses_recwarn="recwarn" in getattr(self._item, "fixturenames", ()),
-        )
+        job = jobs.new_job(call)
         method = self._method
         ctx: Any = multiprocessing.get_context(method)
         if method == "forkserver":
@@ -166,15 +152,12 @@ class _ProcessRunner:
         if method != "fork":
             _stress.warn_hooks_not_called(self._item, method)
         # Each copy's own worker_index and tmp_path (made here, before any child starts).
-        arguments = _stress.copies_kwargs(job.kwargs, count)
+        copies = jobs.copies(job, count, _stress.copies_kwargs)
         with tempfile.TemporaryDirectory(prefix="concur-") as tmp:
             ended = False
             waiting = False
             try:
-                for index in range(count):
-                    copy = dataclasses.replace(
-                        job, kwargs=arguments[index], copy_index=(index, count)
-                    )
+                for index, copy in enumerate(copies):
                     children.append(self._start_child(ctx, copy, call, Path(tmp), index, go))
                 if go is not None:
                     go.set()
@@ -201,19 +184,18 @@ class _ProcessRunner:
                         _dump_stacks(process, Path(tmp, f"stacks{index}"))
                     _stop(process)
                     if streams is not None:
-                        _forward(streams[0].read_text(errors="replace"), sys.stdout)
-                        _forward(streams[1].read_text(errors="replace"), sys.stderr)
+                        jobs.forward(streams[0].read_text(errors="replace"), sys.stdout)
+                        jobs.forward(streams[1].read_text(errors="replace"), sys.stderr)
                     if _forward_crash_dump(process, Path(tmp, f"crash{index}")):
                         self._dumped.add(index)
-        if count == 1:
-            outcome = outcomes[0]
-            if outcome is None:
-                _fail_crashed(children[0][0], self._item, 0 in self._dumped)
-            _replay(outcome)
-            if not outcome.passed:
-                _raise(outcome, self._item)
-            return
-        self._combine([process for process, _, _ in children], outcomes)
+        processes = [process for process, _, _ in children]
+        dumped = self._dumped
+        jobs.verdict(
+            self._item,
+            outcomes,
+            lost=lambda i: _crash_message(processes[i], self._item, i in dumped),
+            lost_key=lambda i: ("crash", str(processes[i].exitcode), ""),
+        )
 
     def _start_child(
         self,
@@ -254,11 +236,11 @@ class _ProcessRunner:
             boot = _child.Bootstrap(
                 sys_path=list(sys.path),
                 cwd=os.getcwd(),
-                modules=_pytest_imported_modules(config),
+                modules=jobs.pytest_imported_modules(config),
                 stdout_path=str(streams[0]) if capture else None,
                 stderr_path=str(streams[1]) if capture else None,
             )
-            job.warning_filters = _picklable_filters()
+            job.warning_filters = jobs.picklable_filters()
             args = (_pickle_job(job, call, method, why), writer, None, boot)
         if go is not None:
             args = (*args, go)
@@ -284,50 +266,6 @@ class _ProcessRunner:
         if process.pid is not None:
             _hang.register_stack_file(process.pid, str(stacks))
         return process, reader, streams
-
-    def _combine(self, processes: list[BaseProcess], outcomes: list[_child.Outcome | None]) -> None:
-        """One verdict from the copies' outcomes (see pytest_concur._stress.combine)."""
-        __tracebackhide__ = True  # the plugin's frames are not the user's
-        from pytest_concur._report import attach_longrepr
-        from pytest_concur._stress import combine
-
-        item = self._item
-        errors: list[BaseException | None] = []
-        reprs: list[Any] = []
-        keys: list[tuple[str, str, str]] = []
-        for index, (process, outcome) in enumerate(zip(processes, outcomes, strict=True)):
-            reprs.append(None)
-            keys.append(("", "", ""))
-            if outcome is not None:
-                _replay(outcome)
-                if outcome.passed:
-                    errors.append(None)
-                    continue
-                reprs[-1] = outcome.longrepr
-                keys[-1] = (outcome.type_name, outcome.message, outcome.site)
-            else:
-                reprs[-1] = _crash_message(process, item, index in self._dumped)
-                keys[-1] = ("crash", str(process.exitcode), "")
-            try:
-                if outcome is None:
-                    _fail_crashed(process, item, index in self._dumped)
-                _raise(outcome, item)
-            except BaseException as exc:
-                errors.append(exc)
-        error = combine(
-            item,
-            errors,
-            key=lambda i: keys[i],
-            render=lambda i: str(reprs[i]),
-        )
-        if error is None:
-            return
-        index = next(i for i, e in enumerate(errors) if e is error)
-        longrepr = reprs[index]
-        if isinstance(error, pytest.skip.Exception) and isinstance(longrepr, tuple):
-            longrepr = (*longrepr[:2], f"Skipped: {error.msg}")
-        attach_longrepr(item, error, longrepr)
-        raise error
 
     def close(self) -> None:
         processes, self._processes = self._processes, []
@@ -452,12 +390,6 @@ def _exists(pid: int) -> bool:
     return fields is not None and bool(fields) and fields[0] != "Z"
 
 
-def _fail_crashed(process: BaseProcess, item: pytest.Item, dumped: bool) -> NoReturn:
-    # Not hidden from tracebacks: pytest notes when every entry is hidden, even for a
-    # failure without a traceback.
-    pytest.fail(_crash_message(process, item, dumped), pytrace=False)
-
-
 def _crash_message(process: BaseProcess, item: pytest.Item, dumped: bool) -> str:
     from pytest_concur._checks._where import how_it_ended
 
@@ -498,130 +430,21 @@ def _forward_crash_dump(process: BaseProcess, path: Path) -> bool:
         if not line.startswith("Extension modules:")
     ]
     body = "\n".join(lines).strip("\n")
-    _forward(f"pytest-concur: the child process (pid {process.pid}) crashed:\n{body}\n", sys.stderr)
+    jobs.forward(
+        f"pytest-concur: the child process (pid {process.pid}) crashed:\n{body}\n", sys.stderr
+    )
     return True
-
-
-def _replay(outcome: _child.Outcome) -> None:
-    """Give the child's warnings and sys-captured output to this process's pytest."""
-    _forward(outcome.stdout, sys.stdout)
-    _forward(outcome.stderr, sys.stderr)
-    if outcome.graphs:
-        from pytest_concur import _locks
-
-        _locks.note_graphs(outcome.graphs)
-    for message, category_bytes, filename, lineno in outcome.warnings:
-        category: type[Warning] = UserWarning
-        if category_bytes is not None:
-            with contextlib.suppress(Exception):
-                category = pickle.loads(category_bytes)
-        try:
-            warning = category(message)
-        except Exception:
-            warning = UserWarning(f"{category.__name__}: {message}")
-        warnings.warn_explicit(warning, type(warning), filename, lineno)
-
-
-def _raise(outcome: _child.Outcome, item: pytest.Item) -> None:
-    from pytest_concur._backends import _child
-    from pytest_concur._report import attach_longrepr
-
-    exc: BaseException | None = None
-    if outcome.pytest_outcome is not None:
-        try:
-            _child.raise_pytest_outcome(*outcome.pytest_outcome)
-        except BaseException as raised:
-            attach_longrepr(item, raised, outcome.longrepr)
-            raise
-    if outcome.exception is not None:
-        try:
-            exc = pickle.loads(outcome.exception)
-        except Exception:
-            exc = None
-    if not isinstance(exc, BaseException):
-        exc = ChildFailure(f"{outcome.type_name}: {outcome.message}")
-    attach_longrepr(item, exc, outcome.longrepr)
-    raise exc
-
-
-def _forward(text: str, stream: Any) -> None:
-    if not text:
-        return
-    if type(stream).__name__ == "TeeCaptureIO":
-        # --capture=tee-sys: the child already echoed it to the terminal; capture it only.
-        super(type(stream), stream).write(text)
-    else:
-        stream.write(text)
-    stream.flush()
 
 
 def _pickle_job(job: _child.Job, call: BodyCall, method: str, why: str) -> bytes:
     """Pickle the job for a fresh interpreter, naming the first value that cannot go."""
     reason = f" ({why})" if why else ""
-    params = getattr(getattr(call.item, "callspec", None), "params", {})
-    for name, value in job.kwargs.items():
-        problem = _pickle_problem(value)
-        if problem is None:
-            continue
-        # A direct parameter is the value itself; an indirect one went through a fixture.
-        kind = "parameter" if name in params and params[name] is value else "fixture"
-        pytest.fail(
-            f"{kind} {name!r} of {call.item.nodeid} cannot be sent to the child process "
-            f"(start method {method}{reason}): pickling {_short_repr(value)} failed with "
-            f"{problem}.\n"
-            f"Fix: make the {kind} value picklable, use {START_METHOD_OPTION}=fork so the "
-            "child inherits it, or run this test under other backends, e.g. "
-            '@pytest.mark.backend("thread", "asyncio").',
-            pytrace=False,
-        )
-    try:
-        return pickle.dumps(job)
-    except Exception as exc:
-        problem = f"{type(exc).__name__}: {exc}"
-    pytest.fail(
-        f"the test function of {call.item.nodeid} cannot be sent to the child process "
-        f"(start method {method}{reason}): {problem}.\n"
-        "Under spawn and forkserver the child imports the test by module and name, so it "
-        f"must be defined at module or class level. Use {START_METHOD_OPTION}=fork, "
-        "or move the test function to module level.",
-        pytrace=False,
+    return jobs.pickle_job(
+        job,
+        call,
+        where=f"the child process (start method {method}{reason})",
+        fix=f"use {START_METHOD_OPTION}=fork so the child inherits it, or ",
+        function_fix="Under spawn and forkserver the child imports the test by module and "
+        f"name, so it must be defined at module or class level. Use {START_METHOD_OPTION}="
+        "fork, or move the test function to module level.",
     )
-
-
-def _pickle_problem(value: object) -> str | None:
-    try:
-        pickle.dumps(value)
-    except Exception as exc:
-        return f"{type(exc).__name__}: {exc}"
-    return None
-
-
-def _short_repr(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _picklable_filters() -> list[Any]:
-    kept = []
-    for entry in warnings.filters:
-        try:
-            pickle.dumps(entry)
-        except Exception:
-            continue
-        kept.append(entry)
-    return kept
-
-
-def _pytest_imported_modules(config: pytest.Config) -> dict[str, tuple[str, bool]]:
-    """Test and conftest modules the child must load by path, asserts rewritten as here."""
-    root = str(config.rootpath)
-    found: dict[str, tuple[str, bool]] = {}
-    for name, module in list(sys.modules.items()):
-        filename = getattr(module, "__file__", None)
-        if not filename or not filename.endswith(".py"):
-            continue
-        loader = getattr(getattr(module, "__spec__", None), "loader", None)
-        rewritten = type(loader).__name__ == "AssertionRewritingHook"
-        if rewritten or (filename.startswith(root) and "site-packages" not in filename):
-            found[name] = (filename, rewritten)
-    return found
