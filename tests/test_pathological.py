@@ -274,3 +274,29 @@ def test_no_temporary_files_left(
         result = run(pytester, "-p", "no:faulthandler", f"--concur-start-method={method}")
         result.assert_outcomes(passed=1, failed=3)
     assert sorted(p.name for p in tmpdir.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/fd"), reason="Linux: an open file needs no name")
+def test_a_session_killed_outright_leaves_no_temporary_file(
+    pytester: pytest.Pytester,
+    tmp_path_factory: pytest.TempPathFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The session keeps one file open for the stacks its forked children dump at a
+    # deadline; a session that is killed (SIGKILL, a CI job's own timeout) runs no cleanup,
+    # so the file must have no name to leave behind.
+    tmpdir = tmp_path_factory.mktemp("tmpdir")
+    monkeypatch.setenv("TMPDIR", str(tmpdir))
+    pytester.makepyfile(
+        """
+        import os, signal
+        import pytest
+
+        @pytest.mark.backend("thread")
+        def test_kills_the_session():
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    result = run(pytester)
+    assert result.ret == -9
+    assert sorted(p.name for p in tmpdir.iterdir()) == []

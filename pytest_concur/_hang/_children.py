@@ -68,6 +68,14 @@ def install_parent_handler() -> Callable[[], None] | None:
             os.unlink(path)
         return None
     pid = os.getpid()
+    named = f"/proc/{pid}/fd/{stream.fileno()}"
+    if os.path.exists(named):
+        # Linux: the open file is reachable without its name, so it has none from here on,
+        # and a session that is killed outright (SIGKILL, a CI job's timeout) leaves no
+        # file behind. The forked children write through the descriptor they inherit.
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+            path = named
     register_stack_file(pid, path)
 
     def undo() -> None:
