@@ -57,7 +57,7 @@ from typing import Any, final
 
 from pytest_concur import _patches, _primitives
 from pytest_concur._errors import DeadlockError, HangError
-from pytest_concur._stacks import PACKAGE, stack_lines
+from pytest_concur._stacks import PACKAGE, short_path, stack_lines
 from pytest_concur._state import items_begun
 
 _PACKAGE = PACKAGE  # (see _stacks)
@@ -148,18 +148,10 @@ def _format_site(site: _Site) -> str:
     if site is None:
         return "<unknown>"
     filename, lineno, function, caller_file, caller_line = site
-    text = f"{_short(filename)}:{lineno} in {function}"
+    text = f"{short_path(filename)}:{lineno} in {function}"
     if caller_file:
-        text += f" (from {_short(caller_file)}:{caller_line})"
+        text += f" (from {short_path(caller_file)}:{caller_line})"
     return text
-
-
-def _short(filename: str) -> str:
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:
-        return filename
-    return filename if relative.startswith("..") else relative
 
 
 def _blocking_call(frame: FrameType | None) -> tuple[str, object] | None:
