@@ -4,7 +4,7 @@
 (``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``, ``_thread.RLock``, and
 ``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) for the whole
 session, from before the first ``conftest.py`` is imported (:func:`install`, paired with
-:func:`uninstall` in the config's cleanup): locks made by fixtures of every scope, at the
+:func:`uninstall` in the config's cleanup; ``_patches`` records and undoes the swaps): locks made by fixtures of every scope, at the
 import of test modules and of the libraries they import, by threads a fixture started, are
 all tracked locks. Locks made before the plugin was loaded (pytest's own, the standard
 library's at its import), or inside C code, are plain locks and invisible to us.
@@ -1128,8 +1128,8 @@ class tracking:
         self._passive = passive_threads
         # More (owner, name, replacement) swaps for the block (the channels', say).
         self._extra = list(extra)
-        self._saved: list[tuple[Any, str, Any]] = []
-        self._stop_listening: Callable[[], None] = _nothing
+        self._undo: Callable[[], bool] = _nothing
+        self._stop_listening: Callable[[], object] = _nothing
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
@@ -1140,19 +1140,16 @@ class tracking:
                 # tracking; the new body takes over.
                 _ACTIVE._restore()
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
-            # Module attributes are swapped for the block; the two methods of Thread are
-            # hooked once for the session and act only while TRACKER is set (see _patches).
-            patches = [
-                *_PATCHES,
-                *self._extra,
-                (threading, "excepthook", _quiet_hook(threading.excepthook)),
-            ]
-            # The factories are ours for the whole session already (see install): only
-            # what is not in place yet is swapped, so only that is put back.
-            patches = [p for p in patches if getattr(p[0], p[1]) is not p[2]]
-            self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-            for owner, name, replacement in patches:
-                setattr(owner, name, replacement)
+            # Module attributes are swapped for the block (the factories only if the
+            # session has not made them ours already: see install); the two methods of
+            # Thread are hooked once for the session and act only while TRACKER is set.
+            self._undo = _patches.swap_many(
+                [
+                    *_PATCHES,
+                    *self._extra,
+                    (threading, "excepthook", _quiet_hook(threading.excepthook)),
+                ]
+            )
             _patches.replace(threading.Thread, "join", lambda original: _tracked_join)
             self._stop_listening = _patches.listen(_patches.THREAD_START, _on_start)
             _ACTIVE = self
@@ -1165,9 +1162,8 @@ class tracking:
 
     def _restore(self) -> None:
         global TRACKER, _ACTIVE
-        for owner, name, original in self._saved:
-            setattr(owner, name, original)
-        self._saved = []
+        self._undo()
+        self._undo = _nothing
         self._stop_listening()
         TRACKER = None
         _ACTIVE = None
@@ -1177,9 +1173,9 @@ _ACTIVE: tracking | None = None
 
 # The lock factories, ours for the session: (owner, name, ours).
 _FACTORIES = [patch for patch in _PATCHES if patch[2] is not _tracked_signal]
-# The factories' originals while the session has them; one entry per install() not yet
-# undone (pytester's inline runs configure a session inside a session).
-_session_saved: list[list[tuple[Any, str, Any]]] = []
+# The undoing of each install() not yet undone (pytester's inline runs configure a session
+# inside a session; the inner one finds the factories ours already, and swaps nothing).
+_session_undo: list[Callable[[], bool]] = []
 
 
 def install() -> None:
@@ -1189,30 +1185,22 @@ def install() -> None:
     takes no global lock and keeps no books. Calls nest; each must be paired.
     """
     with _install_lock:
-        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _FACTORIES]
-        for owner, name, ours in _FACTORIES:
-            setattr(owner, name, ours)
-        _session_saved.append(saved)
+        _session_undo.append(_patches.swap_many(_FACTORIES))
 
 
 def uninstall() -> None:
     """Undo the latest :func:`install`: the factories it found are put back.
 
     A factory someone replaced after us (a later plugin, a test's monkeypatch still in
-    place) is theirs: left alone.
+    place) is theirs: left alone (see ``_patches.swap_many``).
     """
     with _install_lock:
-        if not _session_saved:
-            return
-        for (owner, name, original), (_, _, ours) in zip(
-            _session_saved.pop(), _FACTORIES, strict=True
-        ):
-            if getattr(owner, name) is ours:
-                setattr(owner, name, original)
+        if _session_undo:
+            _session_undo.pop()()
 
 
-def _nothing() -> None:
-    pass
+def _nothing() -> bool:
+    return True
 
 
 def started_threads(tracker: Tracker) -> Iterator[threading.Thread]:
