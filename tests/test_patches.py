@@ -8,6 +8,7 @@ import inspect
 import multiprocessing
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -165,6 +166,20 @@ def test_replace_installs_once() -> None:
     assert Owner().method() == "real"
 
 
+# The head of the test modules below: a fixture whose thread outlives its setup.
+_HELPER = """
+import asyncio, subprocess, sys, threading
+import pytest
+
+@pytest.fixture
+def helper():
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    yield
+    thread.join()
+"""
+
+
 def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
     import asyncio.base_events
     import asyncio.events
@@ -179,17 +194,9 @@ def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
     ]
     before = [owner.__dict__[name] for owner, name in places]
     pytester.makepyfile(
-        """
-        import asyncio, subprocess, sys, threading
-        import pytest
-
-        @pytest.fixture
-        def helper():
-            thread = threading.Thread(target=lambda: None)
-            thread.start()
-            yield
-            thread.join()
-
+        _HELPER
+        + textwrap.dedent(
+            """
         @pytest.mark.backend("thread", "process", "asyncio")
         def test_starts_things(helper):
             thread = threading.Thread(target=lambda: None)
@@ -201,6 +208,7 @@ def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
         async def test_a_task():
             await asyncio.create_task(asyncio.sleep(0))
         """
+        )
     )
     pytester.runpytest_inprocess().assert_outcomes(passed=4)
     assert [owner.__dict__[name] for owner, name in places] == before
@@ -272,16 +280,10 @@ def test_an_inline_session_puts_every_patched_attribute_back(
 
     at_end = AtSessionEnd()
     pytester.makepyfile(
-        f"""
-        import asyncio, concurrent.futures, multiprocessing, queue, subprocess, sys, threading
-        import pytest
-
-        @pytest.fixture
-        def helper():
-            thread = threading.Thread(target=lambda: None)
-            thread.start()
-            yield
-            thread.join()
+        _HELPER
+        + textwrap.dedent(
+            f"""
+        import concurrent.futures, multiprocessing, queue
 
         @pytest.mark.backend({backend!r})
         def test_starts_things(helper):
@@ -303,6 +305,7 @@ def test_an_inline_session_puts_every_patched_attribute_back(
             await asyncio.create_task(asyncio.sleep(0))
             asyncio.get_running_loop().call_soon(lambda: None)
         """
+        )
     )
     pytester.runpytest_inprocess(plugins=[at_end]).assert_outcomes(passed=2)
     after = [owner.__dict__.get(name) for owner, name in places]
