@@ -911,6 +911,8 @@ def _on_start(thread: threading.Thread) -> Callable[[], None] | None:
     return started
 
 
+# The replacements are made here (the factories are the hot path), swapped in and out by
+# _patches, which records them.
 _PATCHES: list[tuple[Any, str, Any]] = [
     (threading, "Lock", _tracked_lock),
     (threading, "RLock", _tracked_rlock),
