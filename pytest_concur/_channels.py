@@ -32,7 +32,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, final
 
-from pytest_concur import _locks
+from pytest_concur import _lock_diagnosis, _locks
 
 # What a thread blocked reading a pipe or a Unix socket shows in /proc/.../wchan (newer
 # kernels say anon_pipe_read: any name ending in pipe_read is one).
@@ -48,7 +48,7 @@ class TrackedSimpleQueue(queue.SimpleQueue):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
-        self._made_at = _locks._capture_site(sys._getframe(1))
+        self._made_at = _lock_diagnosis._capture_site(sys._getframe(1))
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         __tracebackhide__ = True  # the plugin's frames are not the user's
@@ -73,7 +73,7 @@ class TrackedSimpleQueue(queue.SimpleQueue):  # type: ignore[type-arg]
                 return False
             return True
 
-        site = _locks._format_site(self._made_at)
+        site = _lock_diagnosis._format_site(self._made_at)
         wait = _locks.Wait(
             kind="channel", blocked=self.empty, what=f"SimpleQueue (get) created at {site}"
         )

@@ -4,7 +4,7 @@
 (``threading.Lock``, ``threading.RLock``, ``_thread.allocate_lock``, ``_thread.RLock``, and
 ``threading._allocate_lock``, which ``Condition.wait`` uses for its waiters) for the whole
 session, from before the first ``conftest.py`` is imported (:func:`install`, paired with
-:func:`uninstall` in the config's cleanup): locks made by fixtures of every scope, at the
+:func:`uninstall` in the config's cleanup; ``_patches`` records and undoes the swaps): locks made by fixtures of every scope, at the
 import of test modules and of the libraries they import, by threads a fixture started, are
 all tracked locks. Locks made before the plugin was loaded (pytest's own, the standard
 library's at its import), or inside C code, are plain locks and invisible to us.
@@ -38,6 +38,11 @@ What is tracked, and the invariants:
 
 No thread of our own is ever started: the waiting threads are the watchdog, so the
 process backend's fork never sees a thread of the plugin's.
+
+Why one module of about 1,000 lines: the lock, the tracker and the factories that install
+them read two globals on every acquire (``TRACKER``, ``SCHEDULER``) and keep the invariants
+above together; split, the hot path would pay an attribute lookup on another module. What
+only locates and tells (sites, reports, graphs) is in ``_lock_diagnosis``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,23 @@ from typing import Any, final
 
 from pytest_concur import _patches, _primitives
 from pytest_concur._errors import DeadlockError, HangError
-from pytest_concur._stacks import PACKAGE, stack_lines
+from pytest_concur._lock_diagnosis import (
+    _blocking_call,
+    _capture_site,
+    _format_site,
+    _inversion_graph,
+    _inversion_report,
+    _render,
+    _thread_name,
+)
+
+# Also handed on, for the modules that read them here (the loop deadlock check's sites, the
+# graphs the deadlock check keeps for the report).
+from pytest_concur._lock_diagnosis import _is_machinery as _is_machinery
+from pytest_concur._lock_diagnosis import note_graphs as note_graphs
+from pytest_concur._lock_diagnosis import take_graphs as take_graphs
+from pytest_concur._lock_diagnosis import user_site as user_site
+from pytest_concur._stacks import PACKAGE
 from pytest_concur._state import items_begun
 
 _PACKAGE = PACKAGE  # (see _stacks)
@@ -65,121 +86,10 @@ _real_allocate_lock = _primitives.allocate_lock
 _real_rlock: Callable[[], Any] = _primitives.RLock
 _get_ident = _thread.get_ident
 
-# Frames in these files are the machinery between a user's call and a lock.
-_STDLIB_SYNC = (
-    "<frozen ",
-    os.path.join("threading.py"),
-    os.path.join("queue.py"),
-    os.path.join("concurrent", "futures", "_base.py"),
-    os.path.join("concurrent", "futures", "thread.py"),
-    os.path.join("asyncio", ""),
-    os.path.join("multiprocessing", ""),
-    # All of pytest-concur: the concur fixture's joins, the wrappers of Thread.start,
-    # Popen.__init__ and of a child's target (the checks').
-    PACKAGE,
-)
-# The public blocking calls we name in diagnoses, by the stdlib function that blocks.
-_BLOCKING_CALLS = {
-    "Event.wait": "Event",
-    "Condition.wait": "Condition",
-    "Condition.wait_for": "Condition",
-    "Semaphore.acquire": "Semaphore",
-    "BoundedSemaphore.acquire": "BoundedSemaphore",
-    "Barrier.wait": "Barrier",
-    "Queue.get": "Queue (get)",
-    "Queue.put": "Queue (put)",
-    "Queue.join": "Queue (join: waits for task_done)",
-    "Future.result": "concurrent.futures.Future",
-    "Future.exception": "concurrent.futures.Future",
-}
-
 # How long a blocked thread sleeps between looks, and the delay between the two looks
 # that confirm a finding.
 _SLICE = 0.005
 _MAX_SLICE = 0.05
-
-
-def _is_machinery(frame: FrameType) -> bool:
-    return is_machinery_file(frame.f_code.co_filename)
-
-
-def is_machinery_file(filename: str) -> bool:
-    """Whether code of this file is locking machinery (the stdlib's, ours), not the user's."""
-    # Asked for every frame a lock is made under, for every lock of the session: cached.
-    known = _MACHINERY_FILES.get(filename)
-    if known is None:
-        known = _MACHINERY_FILES[filename] = any(part in filename for part in _STDLIB_SYNC)
-    return known
-
-
-_MACHINERY_FILES: dict[str, bool] = {}
-
-
-def user_site(frame: FrameType | None, *, with_caller: bool = False) -> str:
-    """``file:line in function`` of the first frame outside the locking machinery.
-
-    A lock made in an ``__init__`` is one of many alike (every ``Account`` has one): the
-    caller that made the object is added, so two of them can be told apart.
-    """
-    return _format_site(_capture_site(frame, with_caller=with_caller))
-
-
-# Where a lock was made, as plain data: formatting (relpath) waits for a report, since
-# every lock of the session is made through us and most are never reported.
-_Site = tuple[str, int, str, str, int] | None
-
-
-def _capture_site(frame: FrameType | None, *, with_caller: bool = False) -> _Site:
-    while frame is not None and _is_machinery(frame):
-        frame = frame.f_back
-    if frame is None:
-        return None
-    code = frame.f_code
-    caller = frame.f_back
-    while caller is not None and caller.f_code.co_filename.startswith(_PACKAGE):
-        caller = caller.f_back  # our hooks' wrappers (see _patches) call __init__ for the user
-    if (with_caller or code.co_name == "__init__") and caller is not None:
-        where = caller.f_code.co_filename, caller.f_lineno
-        return (code.co_filename, frame.f_lineno, code.co_name, *where)
-    return (code.co_filename, frame.f_lineno, code.co_name, "", 0)
-
-
-def _format_site(site: _Site) -> str:
-    if site is None:
-        return "<unknown>"
-    filename, lineno, function, caller_file, caller_line = site
-    text = f"{_short(filename)}:{lineno} in {function}"
-    if caller_file:
-        text += f" (from {_short(caller_file)}:{caller_line})"
-    return text
-
-
-def _short(filename: str) -> str:
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:
-        return filename
-    return filename if relative.startswith("..") else relative
-
-
-def _blocking_call(frame: FrameType | None) -> tuple[str, object] | None:
-    """The outermost known blocking stdlib call on the stack, with its ``self``."""
-    found = None
-    while frame is not None and _is_machinery(frame):
-        code = frame.f_code
-        qualname = getattr(code, "co_qualname", None) or code.co_name
-        for call, kind in _BLOCKING_CALLS.items():
-            if (
-                qualname == call
-                or qualname.endswith("." + call)
-                or (
-                    code.co_name == call.split(".")[1]
-                    and type(frame.f_locals.get("self")).__name__ == call.split(".")[0]
-                )
-            ):
-                found = (kind, frame.f_locals.get("self"))
-        frame = frame.f_back
-    return found
 
 
 @final
@@ -455,15 +365,6 @@ def _describe_sync(obj: object) -> str:
         if isinstance(inner, TrackedLock):
             return f"created at {inner.site}"
     return "(created before the test, or in C code)"
-
-
-def _thread_name(ident: int | None) -> str:
-    if ident is None:
-        return "nobody"
-    for thread in threading.enumerate():
-        if thread.ident == ident:
-            return repr(thread.name)
-    return f"thread {ident}"
 
 
 @final
@@ -803,35 +704,6 @@ def _get_lines(code: CodeType) -> frozenset[int]:
 _GET_LINES: dict[CodeType, frozenset[int]] = {}
 
 
-_KINDS = {
-    "cycle": "a wait-for cycle (each thread waits for the next)",
-    "self": "a thread waits for a lock it holds itself, and no other thread is left running "
-    "that could release it",
-    "blocked": "every thread of the test is blocked, and nothing left running can end the waits",
-}
-
-
-def _render(finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait]) -> str:
-    kind, idents = finding
-    frames = sys._current_frames()
-    lines = [f"pytest-concur: deadlock: {_KINDS[kind]}"]
-    for ident in idents:
-        wait = waits[ident]
-        lines.append(f"  thread {_thread_name(ident)} {wait.describe()}")
-        lines.append(f"    at {wait.site}")
-    # How quickly it was found (the summary's and the JUnit XML's detection latency).
-    latency = (time.monotonic() - max(waits[ident].began for ident in idents)) * 1000
-    lines.append(f"  found {latency:.1f} ms after the last of these waits began")
-    for ident in idents:
-        frame = frames.get(ident)
-        if frame is None:
-            continue
-        lines.append("")
-        lines.append(f"Stack of thread {_thread_name(ident)}:")
-        lines.extend(stack_lines(frame))
-    return "\n".join(lines)
-
-
 def wait_for_graph(
     finding: tuple[str, tuple[int, ...]], waits: dict[int, Wait], verdict: str
 ) -> dict[str, Any]:
@@ -886,81 +758,6 @@ def wait_for_graph(
         "nodes": list(nodes.values()),
         "edges": edges,
     }
-
-
-def _inversion_graph(
-    locks: tuple[TrackedLock, TrackedLock], earlier: tuple[str, str], later: tuple[str, str]
-) -> dict[str, Any]:
-    """A lock-order inversion as the deadlock it allows (see :func:`wait_for_graph`).
-
-    ``locks`` is (B, A): A was taken while holding B at ``later``, after B had been taken
-    while holding A at ``earlier``. Each of the two takings is drawn as a thread that holds
-    the first lock and waits for the second: what happens when they meet.
-    """
-    held, taken = locks
-    lock_a = {
-        "id": "lock-a",
-        "type": "lock",
-        "label": "Lock A",
-        "detail": f"created at {taken.site}",
-    }
-    lock_b = {
-        "id": "lock-b",
-        "type": "lock",
-        "label": "Lock B",
-        "detail": f"created at {held.site}",
-    }
-    nodes: list[dict[str, str]] = []
-    edges = []
-    for index, ((name, site), first, then) in enumerate(
-        [(earlier, lock_a, lock_b), (later, lock_b, lock_a)], start=1
-    ):
-        key = f"taker-{index}"
-        label = f"thread {name!r}" if name else f"thread {index}"
-        # Listed round the cycle (thread, the lock it waits for, ...), as drawn.
-        nodes.append({"id": key, "type": "thread", "label": label, "detail": f"at {site}"})
-        nodes.append(then)
-        edges.append({"from": key, "to": first["id"], "label": "holds"})
-        edges.append({"from": key, "to": then["id"], "label": "waits for"})
-    return {
-        "kind": "lock-order inversion",
-        "title": "pytest-concur: potential deadlock: two locks are taken in both orders",
-        "nodes": nodes,
-        "edges": edges,
-    }
-
-
-# Graphs of what the deadlock check reported for the body that just ran, for its test's
-# report (see _checks/deadlock.py, and _summary, which takes them). A process backend's
-# child sends its own back with the body's outcome.
-_GRAPHS: list[dict[str, Any]] = []
-
-
-def note_graphs(graphs: Iterable[dict[str, Any]]) -> None:
-    """Keep these graphs for the report of the test that runs now."""
-    for graph in graphs:
-        if graph not in _GRAPHS:  # stress mode: every copy may report the same one
-            _GRAPHS.append(graph)
-
-
-def take_graphs() -> list[dict[str, Any]]:
-    """The graphs kept for the test that runs now; none are kept after this."""
-    graphs = _GRAPHS[:]
-    del _GRAPHS[:]
-    return graphs
-
-
-def _inversion_report(held: TrackedLock, taken: TrackedLock, site: str, earlier_site: str) -> str:
-    # Named in the order they were first nested: A, then B inside it.
-    return (
-        "pytest-concur: potential deadlock: two locks are taken in both orders\n"
-        f"  Lock A created at {taken.site}\n"
-        f"  Lock B created at {held.site}\n"
-        f"  B taken while holding A at {earlier_site}\n"
-        f"  A taken while holding B at {site}\n"
-        "Two threads taking them at these two places at the same time deadlock. Take the "
-        "locks in one order everywhere."
-    )
 
 
 # -- installing and removing the tracking ---------------------------------------------
@@ -1114,6 +911,8 @@ def _on_start(thread: threading.Thread) -> Callable[[], None] | None:
     return started
 
 
+# The replacements are made here (the factories are the hot path), swapped in and out by
+# _patches, which records them.
 _PATCHES: list[tuple[Any, str, Any]] = [
     (threading, "Lock", _tracked_lock),
     (threading, "RLock", _tracked_rlock),
@@ -1136,8 +935,8 @@ class tracking:
         self._passive = passive_threads
         # More (owner, name, replacement) swaps for the block (the channels', say).
         self._extra = list(extra)
-        self._saved: list[tuple[Any, str, Any]] = []
-        self._stop_listening: Callable[[], None] = _nothing
+        self._undo: Callable[[], bool] = _nothing
+        self._stop_listening: Callable[[], object] = _nothing
         self.tracker: Tracker | None = None
 
     def __enter__(self) -> Tracker:
@@ -1148,19 +947,16 @@ class tracking:
                 # tracking; the new body takes over.
                 _ACTIVE._restore()
             tracker = self.tracker = TRACKER = Tracker(_get_ident(), self._passive)
-            # Module attributes are swapped for the block; the two methods of Thread are
-            # hooked once for the session and act only while TRACKER is set (see _patches).
-            patches = [
-                *_PATCHES,
-                *self._extra,
-                (threading, "excepthook", _quiet_hook(threading.excepthook)),
-            ]
-            # The factories are ours for the whole session already (see install): only
-            # what is not in place yet is swapped, so only that is put back.
-            patches = [p for p in patches if getattr(p[0], p[1]) is not p[2]]
-            self._saved = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-            for owner, name, replacement in patches:
-                setattr(owner, name, replacement)
+            # Module attributes are swapped for the block (the factories only if the
+            # session has not made them ours already: see install); the two methods of
+            # Thread are hooked once for the session and act only while TRACKER is set.
+            self._undo = _patches.swap_many(
+                [
+                    *_PATCHES,
+                    *self._extra,
+                    (threading, "excepthook", _quiet_hook(threading.excepthook)),
+                ]
+            )
             _patches.replace(threading.Thread, "join", lambda original: _tracked_join)
             self._stop_listening = _patches.listen(_patches.THREAD_START, _on_start)
             _ACTIVE = self
@@ -1173,9 +969,8 @@ class tracking:
 
     def _restore(self) -> None:
         global TRACKER, _ACTIVE
-        for owner, name, original in self._saved:
-            setattr(owner, name, original)
-        self._saved = []
+        self._undo()
+        self._undo = _nothing
         self._stop_listening()
         TRACKER = None
         _ACTIVE = None
@@ -1185,9 +980,9 @@ _ACTIVE: tracking | None = None
 
 # The lock factories, ours for the session: (owner, name, ours).
 _FACTORIES = [patch for patch in _PATCHES if patch[2] is not _tracked_signal]
-# The factories' originals while the session has them; one entry per install() not yet
-# undone (pytester's inline runs configure a session inside a session).
-_session_saved: list[list[tuple[Any, str, Any]]] = []
+# The undoing of each install() not yet undone (pytester's inline runs configure a session
+# inside a session; the inner one finds the factories ours already, and swaps nothing).
+_session_undo: list[Callable[[], bool]] = []
 
 
 def install() -> None:
@@ -1197,30 +992,22 @@ def install() -> None:
     takes no global lock and keeps no books. Calls nest; each must be paired.
     """
     with _install_lock:
-        saved = [(owner, name, getattr(owner, name)) for owner, name, _ in _FACTORIES]
-        for owner, name, ours in _FACTORIES:
-            setattr(owner, name, ours)
-        _session_saved.append(saved)
+        _session_undo.append(_patches.swap_many(_FACTORIES))
 
 
 def uninstall() -> None:
     """Undo the latest :func:`install`: the factories it found are put back.
 
     A factory someone replaced after us (a later plugin, a test's monkeypatch still in
-    place) is theirs: left alone.
+    place) is theirs: left alone (see ``_patches.swap_many``).
     """
     with _install_lock:
-        if not _session_saved:
-            return
-        for (owner, name, original), (_, _, ours) in zip(
-            _session_saved.pop(), _FACTORIES, strict=True
-        ):
-            if getattr(owner, name) is ours:
-                setattr(owner, name, original)
+        if _session_undo:
+            _session_undo.pop()()
 
 
-def _nothing() -> None:
-    pass
+def _nothing() -> bool:
+    return True
 
 
 def started_threads(tracker: Tracker) -> Iterator[threading.Thread]:

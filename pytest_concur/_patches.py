@@ -1,4 +1,23 @@
-"""Process-wide hooks on library classes: replaced once, switched on and off per body.
+"""Every process-wide replacement pytest-concur makes, recorded and put back here.
+
+This module is the one owner of the standard library's attributes that the plugin replaces
+(class and module attributes alike). Each replacement is a :class:`Swap` that remembers
+what it replaced; undoing one puts that back only where the replacement is still in place
+(one made by someone else after ours is theirs: left alone), and undoing the later of two
+of our own swaps of one attribute first, or the earlier first, both end with the original.
+Three ways in:
+
+- :func:`listen` on a *site* below, for the checks' hooks on library methods;
+- :func:`replace`, for a hot path whose wrapper keeps its own switch (once per process);
+- :func:`swap_many`, for what is swapped for a span and undone by whoever swapped it (the
+  deadlock check's lock factories and channels for a body, or for the session; the threads
+  check's ``threading.excepthook``).
+
+Not here, each with a comment where it is: the signal handlers of ``_timeout`` and of the
+``process`` backend's child (handlers set through the API that owns them, not
+replacements), and ``_checks/tasks.py``'s hook on ``warnings`` (left for a later change).
+
+Sites: process-wide hooks on library classes, replaced once, switched on and off per body.
 
 The checks see what a body starts by hooking methods of library classes
 (``threading.Thread.start``, ``subprocess.Popen.__init__``, ``asyncio.Handle._run`` ...).
@@ -32,37 +51,86 @@ from typing import Any, final
 
 # Our own lock, taken at import: the deadlock check replaces threading.Lock during bodies.
 _lock = _thread.allocate_lock()
+_MISSING: Any = object()  # an attribute the owner did not have itself (inherited, or none)
+
+
+@final
+class Swap:
+    """One replacement in place: ``owner.attribute`` was ``original``, is ``replacement``."""
+
+    __slots__ = ("attribute", "original", "owner", "replacement")
+
+    def __init__(self, owner: Any, attribute: str, original: Any, replacement: Any) -> None:
+        self.owner = owner
+        self.attribute = attribute
+        self.original = original
+        self.replacement = replacement
+
+
+# Every replacement of ours in place, oldest first (under _lock).
+_SWAPS: list[Swap] = []
+
+
+def _swap(owner: Any, attribute: str, replacement: Any) -> Swap:
+    record = Swap(owner, attribute, owner.__dict__.get(attribute, _MISSING), replacement)
+    setattr(owner, attribute, replacement)
+    _SWAPS.append(record)
+    return record
+
+
+def _undo(record: Swap) -> bool:
+    """Put back what ``record`` replaced, if ours is still in place; whether it was.
+
+    Under a later swap of ours of the same attribute, the later one inherits what this one
+    replaced (its own undo puts that back) and this record goes, though the later wrapper
+    may still call ours. Under someone else's, it stays recorded: theirs calls through to
+    ours, which is still ours. Both answer False.
+    """
+    index = next((i for i, swap in enumerate(_SWAPS) if swap is record), None)
+    if index is None:
+        return True  # undone already
+    owner, attribute = record.owner, record.attribute
+    current = owner.__dict__.get(attribute, _MISSING)
+    if current is not record.replacement:
+        for later in _SWAPS[index + 1 :]:
+            if later.owner is owner and later.attribute == attribute:
+                if later.original is record.replacement:
+                    later.original = record.original
+                    del _SWAPS[index]
+                break
+        return False
+    if record.original is _MISSING:
+        delattr(owner, attribute)
+    else:
+        setattr(owner, attribute, record.original)
+    del _SWAPS[index]
+    return True
 
 
 @final
 class _Site:
     """One hooked attribute: where it lives, how it is wrapped, and who listens."""
 
-    __slots__ = ("attribute", "installed", "kind", "listeners", "original", "owner", "path")
+    __slots__ = ("attribute", "installed", "kind", "listeners", "path")
 
     def __init__(self, path: str, attribute: str, kind: str) -> None:
         self.path = path  # "module:Class"
         self.attribute = attribute
         self.kind = kind  # "around", "before", "after", or "exitcode" (a property)
         self.listeners: tuple[Callable[..., Any], ...] = ()
-        self.owner: Any = None
-        self.original: Any = None
-        self.installed: Any = None  # our wrapper, while it is in place
+        self.installed: Swap | None = None  # our wrapper's, while it is in place
 
     def install(self) -> None:
         module, _, name = self.path.partition(":")
         owner = getattr(importlib.import_module(module), name)
         original = owner.__dict__[self.attribute]
-        wrapper = _WRAPPERS[self.kind](self, original)
-        setattr(owner, self.attribute, wrapper)
-        self.owner, self.original, self.installed = owner, original, wrapper
+        self.installed = _swap(owner, self.attribute, _WRAPPERS[self.kind](self, original))
 
     def uninstall(self) -> None:
         if self.installed is None or self.listeners:
             return
-        if self.owner.__dict__.get(self.attribute) is self.installed:
-            setattr(self.owner, self.attribute, self.original)
-            self.owner = self.original = self.installed = None
+        if _undo(self.installed):
+            self.installed = None
         # Else someone wrapped ours: it stays below theirs, calling through, still ours.
 
 
@@ -162,7 +230,7 @@ _SITES = (
 )
 
 # Attributes replaced outright by a wrapper that keeps its own switch (see ``replace``).
-_REPLACED: dict[tuple[int, str], tuple[Any, str, Any, Any]] = {}
+_REPLACED: dict[tuple[int, str], Swap] = {}
 
 
 def listen(site: _Site, listener: Callable[..., Any]) -> Callable[[], None]:
@@ -202,27 +270,64 @@ def replace(owner: Any, attribute: str, make: Callable[[Any], Any]) -> None:
     """
     key = (id(owner), attribute)
     entry = _REPLACED.get(key)  # asked before every body: mostly there already
-    if entry is not None and owner.__dict__.get(attribute) is entry[3]:
+    if entry is not None and owner.__dict__.get(attribute) is entry.replacement:
         return
     with _lock:
         entry = _REPLACED.get(key)
-        if entry is not None and owner.__dict__.get(attribute) is entry[3]:
+        if entry is not None and owner.__dict__.get(attribute) is entry.replacement:
             return
-        original = owner.__dict__[attribute]
-        wrapper = make(original)
-        setattr(owner, attribute, wrapper)
-        _REPLACED[key] = (owner, attribute, original, wrapper)
+        if entry is not None and entry in _SWAPS:
+            _SWAPS.remove(entry)  # replaced over (pytest puts its excepthook back): forgotten
+        _REPLACED[key] = _swap(owner, attribute, make(owner.__dict__[attribute]))
+
+
+def swap_many(swaps: Iterable[tuple[Any, str, Any]]) -> Callable[[], bool]:
+    """Put each ``(owner, attribute, replacement)`` in place; the function returned undoes them.
+
+    One already in place is left as it is, and not undone. The undo goes in reverse order,
+    puts back only what is still ours (see :func:`_undo`), forgets the rest, and returns
+    whether every one was put back; called again, it does nothing.
+    """
+    with _lock:
+        made = [
+            _swap(owner, attribute, replacement)
+            for owner, attribute, replacement in swaps
+            if owner.__dict__.get(attribute, _MISSING) is not replacement
+        ]
+
+    def undo() -> bool:
+        with _lock:
+            gone = [_undo(record) for record in reversed(made)]
+            for record in made:  # someone else's is over ours: theirs, and no longer ours
+                if record in _SWAPS:
+                    _SWAPS.remove(record)
+            made.clear()
+        return all(gone)
+
+    return undo
 
 
 def uninstall() -> None:
-    """Put the originals back where nothing listens and nobody wrapped ours since."""
+    """Put the originals back where nothing listens and nobody wrapped ours since.
+
+    The sites' wrappers and :func:`replace`'s, newest first; what :func:`swap_many` swapped
+    is its caller's to undo.
+    """
     with _lock:
-        for site in _SITES:
-            site.uninstall()
-        for key, (owner, attribute, original, wrapper) in list(_REPLACED.items()):
-            if owner.__dict__.get(attribute) is wrapper:
-                setattr(owner, attribute, original)
-                del _REPLACED[key]
+        kept = {id(site.installed): site for site in _SITES if site.installed is not None}
+        replaced = {id(entry): key for key, entry in _REPLACED.items()}
+        for record in reversed(_SWAPS[:]):
+            site = kept.get(id(record))
+            if site is not None:
+                site.uninstall()
+            elif id(record) in replaced and _undo(record):
+                del _REPLACED[replaced[id(record)]]
+
+
+def replacements() -> list[tuple[Any, str, Any]]:
+    """Every replacement of ours in place, as ``(owner, attribute, original)`` (for tests)."""
+    with _lock:
+        return [(swap.owner, swap.attribute, swap.original) for swap in _SWAPS]
 
 
 def listening() -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from pytest_concur import _locks
+from pytest_concur import _lock_diagnosis
 from pytest_concur._errors import DeadlockError, HangError
 
 _LONGREPR = pytest.StashKey[tuple[BaseException, Any]]()
@@ -90,7 +90,7 @@ def _cut_after_the_user(tb: TracebackType | None) -> int | None:
         raw.append(tb)
         tb = tb.tb_next
     end = len(raw)
-    while end > 1 and _locks.is_machinery_file(raw[end - 1].tb_frame.f_code.co_filename):
+    while end > 1 and _lock_diagnosis.is_machinery_file(raw[end - 1].tb_frame.f_code.co_filename):
         end -= 1
     if end == len(raw):
         return None

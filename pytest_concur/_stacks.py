@@ -23,6 +23,15 @@ def is_ours(filename: str) -> bool:
     return filename.startswith(PACKAGE)
 
 
+def short_path(filename: str) -> str:
+    """``filename`` relative to the working directory when it is under it."""
+    try:
+        relative = os.path.relpath(filename)
+    except ValueError:  # another drive, on Windows
+        return filename
+    return filename if relative.startswith(os.pardir) else relative
+
+
 # Frames that are never where a test stands: pytest's and pluggy's calls down to the test,
 # the interpreter's start, an event loop's own running, a thread's start.
 _NOISE = (

@@ -170,7 +170,7 @@ def _after_teardown(outcome: BaseException | None, problem: BaseException) -> Ba
 
 def _hook_failure(name: str, error: BaseException) -> BaseException:
     """The failure of a copy whose hook raised ``error``: where, the hook's traceback, a fix."""
-    from pytest_concur._checks._where import short_path
+    from pytest_concur._stacks import short_path
 
     frames = [
         frame

@@ -131,6 +131,8 @@ def arm(
         return False
     disarm()
     _install_parent_handler(item.config)
+    # A handler set through signal's own API and put back at disarm, not an attribute
+    # replaced: not _patches' (which owns the replacements), and it must stay this cheap.
     previous = signal.signal(signal.SIGALRM, _on_alarm)
     _ARMED = _Deadline(
         item,

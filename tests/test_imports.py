@@ -45,6 +45,7 @@ CHECKS = (
     "pytest_concur._checks.threads",
     "pytest_concur._patches",
     "pytest_concur._locks",
+    "pytest_concur._lock_diagnosis",
     "pytest_concur._workers",
 )
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import _thread
+import importlib
 import inspect
 import multiprocessing
 import subprocess
 import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -163,6 +166,20 @@ def test_replace_installs_once() -> None:
     assert Owner().method() == "real"
 
 
+# The head of the test modules below: a fixture whose thread outlives its setup.
+_HELPER = """
+import asyncio, subprocess, sys, threading
+import pytest
+
+@pytest.fixture
+def helper():
+    thread = threading.Thread(target=lambda: None)
+    thread.start()
+    yield
+    thread.join()
+"""
+
+
 def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
     import asyncio.base_events
     import asyncio.events
@@ -177,17 +194,9 @@ def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
     ]
     before = [owner.__dict__[name] for owner, name in places]
     pytester.makepyfile(
-        """
-        import asyncio, subprocess, sys, threading
-        import pytest
-
-        @pytest.fixture
-        def helper():
-            thread = threading.Thread(target=lambda: None)
-            thread.start()
-            yield
-            thread.join()
-
+        _HELPER
+        + textwrap.dedent(
+            """
         @pytest.mark.backend("thread", "process", "asyncio")
         def test_starts_things(helper):
             thread = threading.Thread(target=lambda: None)
@@ -199,6 +208,116 @@ def test_a_session_puts_every_hook_back(pytester: pytest.Pytester) -> None:
         async def test_a_task():
             await asyncio.create_task(asyncio.sleep(0))
         """
+        )
     )
     pytester.runpytest_inprocess().assert_outcomes(passed=4)
     assert [owner.__dict__[name] for owner, name in places] == before
+
+
+@pytest.mark.usefixtures("clean_hooks")
+def test_swaps_undo_in_either_order_and_leave_a_later_replacement_alone() -> None:
+    class Owner:
+        attribute = "original"
+
+    first = _patches.swap_many([(Owner, "attribute", "first")])
+    second = _patches.swap_many([(Owner, "attribute", "second")])
+    assert first() is False  # under the second: it inherits what the first replaced
+    assert Owner.attribute == "second"
+    assert second() is True
+    assert Owner.attribute == "original"
+
+    undo = _patches.swap_many([(Owner, "attribute", "ours")])
+    Owner.attribute = "theirs"
+    assert undo() is False  # not ours to undo
+    assert Owner.attribute == "theirs"
+    assert _patches.swap_many([(Owner, "attribute", "theirs")])() is True  # in place: no swap
+    assert (Owner, "attribute", "original") not in _patches.replacements()
+
+
+@pytest.mark.parametrize("backend", ["thread", "process", "asyncio"])
+def test_an_inline_session_puts_every_patched_attribute_back(
+    pytester: pytest.Pytester, backend: str
+) -> None:
+    import asyncio.base_events
+    import asyncio.events
+    import multiprocessing.connection
+    import queue
+    import signal
+
+    _patches.uninstall()  # this session's own hooks, if any: nothing listens now
+    ours_before = _patches.replacements()
+    places: list[tuple[Any, str]] = [
+        (threading, "Lock"),
+        (threading, "RLock"),
+        (threading, "_allocate_lock"),
+        (threading, "excepthook"),
+        (threading.Thread, "join"),
+        (queue, "SimpleQueue"),
+        (signal, "signal"),
+        (asyncio.events.Handle, "_run"),
+        (_thread, "allocate_lock"),
+        (_thread, "RLock"),
+        *(
+            (asyncio.base_events.BaseEventLoop, name)
+            for name in ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
+        ),
+        (asyncio.base_events.BaseEventLoop, "call_exception_handler"),
+        *((multiprocessing.connection._ConnectionBase, name) for name in ("recv", "recv_bytes")),
+    ]
+    for site in _patches._SITES:
+        module, _, name = site.path.partition(":")
+        places.append((getattr(importlib.import_module(module), name), site.attribute))
+    before = [owner.__dict__.get(name) for owner, name in places]
+
+    class AtSessionEnd:
+        """What the inner session has replaced when it finishes (before it unconfigures)."""
+
+        def __init__(self) -> None:
+            self.replaced: list[tuple[Any, str, Any]] = []
+
+        def pytest_sessionfinish(self) -> None:
+            self.replaced = _patches.replacements()
+
+    at_end = AtSessionEnd()
+    pytester.makepyfile(
+        _HELPER
+        + textwrap.dedent(
+            f"""
+        import concurrent.futures, multiprocessing, queue
+
+        @pytest.mark.backend({backend!r})
+        def test_starts_things(helper):
+            thread = threading.Thread(target=lambda: None)
+            thread.start()
+            thread.join()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                assert pool.submit(lambda: 1).result() == 1
+            left, right = multiprocessing.Pipe()
+            right.send(1)
+            assert left.recv() == 1
+            simple = queue.SimpleQueue()
+            simple.put(1)
+            assert simple.get() == 1
+
+        @pytest.mark.backend({backend!r})
+        async def test_a_task():
+            await asyncio.create_task(asyncio.sleep(0))
+            asyncio.get_running_loop().call_soon(lambda: None)
+        """
+        )
+    )
+    pytester.runpytest_inprocess(plugins=[at_end]).assert_outcomes(passed=2)
+    after = [owner.__dict__.get(name) for owner, name in places]
+    assert [
+        f"{getattr(owner, '__name__', owner)}.{name}"
+        for (owner, name), was, now in zip(places, before, after, strict=True)
+        if now is not was
+    ] == []
+    # Every attribute the session still had replaced at its end is one of those looked at.
+    new = [
+        (owner, name) for owner, name, _ in at_end.replaced if (owner, name, _) not in ours_before
+    ]
+    assert new, "the inner session replaced nothing: the test measures nothing"
+    assert [place for place in new if place not in places] == []
+    assert _patches.replacements() == ours_before

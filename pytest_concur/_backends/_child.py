@@ -236,6 +236,7 @@ def _install_stack_dump(path: str) -> None:
     _BODY_PID = os.getpid()
     with contextlib.suppress(Exception):
         _STACKS = open(path, "a")  # noqa: SIM115 - open for the process's life
+        # A handler for the child's whole life, not a replaced attribute: not _patches'.
         signal.signal(DUMP_SIGNAL, _report_to_parent)
         faulthandler.register(DUMP_SIGNAL, file=_STACKS, all_threads=True, chain=True)
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from types import CodeType, CoroutineType, FrameType, GeneratorType
 from typing import TYPE_CHECKING, Any
 
-from pytest_concur._checks._where import _is_library, callable_name, short_path
+from pytest_concur._checks._where import _is_library, callable_name
+from pytest_concur._stacks import short_path
 
 if TYPE_CHECKING:
     import asyncio

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from types import FrameType
 from typing import final
 
-from pytest_concur._stacks import PACKAGE, is_ours
+from pytest_concur._stacks import PACKAGE, is_ours, short_path
 
 # How many frames of user code are kept for matching ``started_by`` allow patterns.
 _KEPT = 12
@@ -154,15 +154,6 @@ def format_exception(exc: BaseException) -> str:
         )
         part = part.__cause__ or part.__context__
     return "".join(formatted.format())
-
-
-def short_path(filename: str) -> str:
-    """``filename`` relative to the working directory when it is under it."""
-    try:
-        relative = os.path.relpath(filename)
-    except ValueError:  # another drive, on Windows
-        return filename
-    return filename if relative.startswith(os.pardir) else relative
 
 
 def callable_name(function: object) -> str:

@@ -177,7 +177,7 @@ class _Fixture:
 
 def _owner(fixturedef: pytest.FixtureDef[Any]) -> Owner:
     from pytest_concur._checks._leak import Owner
-    from pytest_concur._checks._where import short_path
+    from pytest_concur._stacks import short_path
 
     # Where the fixture is defined, as pytest's --fixtures says it (its first line).
     code = getattr(inspect.unwrap(fixturedef.func), "__code__", None)

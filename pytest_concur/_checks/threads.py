@@ -10,9 +10,9 @@ loop's thread, the child process) two process-wide hooks are in place, both take
   with the user's frames of the start call. Threads that were running before ``begin``
   (fixtures', the harness's) and threads started by them are never recorded, so they are
   never reported.
-- ``threading.excepthook`` (replaced when the first thread is recorded) records the
-  exceptions of recorded threads, formatted where they happen, and hands every other
-  thread's exception to the hook that was there before.
+- ``threading.excepthook`` (replaced through ``_patches`` when the first thread is
+  recorded) records the exceptions of recorded threads, formatted where they happen, and
+  hands every other thread's exception to the hook that was there before.
 
 A thread or pool that a method of a live fixture's object starts is handed to that
 fixture's lineage instead (``owner_of``, below), and judged at its teardown.
@@ -232,6 +232,7 @@ class _Recording:
         # Installed with the first thread recorded: most bodies start none.
         self._hook: Any = None
         self._previous_hook: Any = None
+        self._unhook: Callable[[], bool] | None = None  # undoes our excepthook (_patches)
         self._stop_listening = _listen(self)
 
     def _on_start(self, thread: threading.Thread) -> None:
@@ -278,7 +279,7 @@ class _Recording:
                 self._hook = self._excepthook
         if first and self.catches_exceptions:
             self._previous_hook = threading.excepthook
-            threading.excepthook = self._hook
+            self._unhook = _patches.swap_many([(threading, "excepthook", self._hook)])
 
     # A fixture's lineage leaves its threads' exceptions to pytest.
     catches_exceptions = True
@@ -309,8 +310,8 @@ class _Recording:
         with self.lock:
             self.active = False
         self._stop_listening()
-        if self._hook is not None and threading.excepthook is self._hook:
-            threading.excepthook = self._previous_hook
+        unhook, self._unhook = self._unhook, None
+        if unhook is not None and unhook():
             self._hook = self._previous_hook = None  # the bound method would hold us
 
 

@@ -40,9 +40,8 @@ from types import CodeType, FrameType
 from typing import Any, final
 
 from pytest_concur import _locks, _patches
-from pytest_concur._checks._where import short_path
 from pytest_concur._explore._schedule import Schedule
-from pytest_concur._stacks import PACKAGE
+from pytest_concur._stacks import PACKAGE, short_path
 
 # How long a holder may go without a switch point while others could run, and the slice a
 # waiting thread sleeps between looks at the holder.

@@ -96,6 +96,7 @@ def _quiet(thread: threading.Thread) -> None:
         invoke(thread)
 
     quiet.concur_quiet = True  # type: ignore[attr-defined]
+    # One thread object's attribute, for its life: not process-wide, so not _patches'.
     with contextlib.suppress(Exception):
         setattr(thread, "_invoke_excepthook", quiet)  # noqa: B010 - typeshed lacks it
 
