@@ -192,6 +192,37 @@ def test_a_deadlock_of_an_anyio_test_fails_at_once(pytester: pytest.Pytester) ->
     assert "Timeout" not in result.stdout.str()
 
 
+def test_a_deadlock_in_asyncio_run_of_a_plain_test_fails_at_once(
+    pytester: pytest.Pytester,
+) -> None:
+    # The loop is the test's own, made during the call: watched the same way.
+    pytester.makeini(FAST)
+    pytester.makepyfile(
+        """
+        import asyncio
+
+        def test_runs_a_loop_that_deadlocks():
+            async def main():
+                await asyncio.Event().wait()
+
+            asyncio.run(main())
+
+        def test_next():
+            assert asyncio.run(asyncio.sleep(0.01, "done")) == "done"
+        """
+    )
+    result = run(pytester, "--concur-check-all")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            HEADLINE,
+            "*  task '*' (test_runs_a_loop_that_deadlocks.<locals>.main) awaits asyncio "
+            "Event.wait()",
+            "*    at test_*.py:5 in main",
+        ]
+    )
+
+
 NOT_DEADLOCKS = """
 import asyncio, socket, threading, time
 import pytest
