@@ -40,7 +40,8 @@ _MAX_PROBE = 0.1
 
 @final
 class WatchingSelector(selectors.BaseSelector):
-    """The default selector, except that blocking forever is done in watched slices."""
+    """A selector (the default one, or the loop's own it wraps) that blocks forever only in
+    watched slices."""
 
     def __init__(self, inner: selectors.BaseSelector | None = None) -> None:
         self._inner = inner if inner is not None else selectors.DefaultSelector()
@@ -307,8 +308,9 @@ class ThreadLoops:
         self.thread = threading.get_ident()
         self._body_code = body_code
         self._handlers = _handlers()
-        # Each loop taken: its selector, ours, and the last task created on it in this
-        # thread before it ran (what run_until_complete() runs: the body, failing better).
+        # Each loop taken: its own selector, and ours. And per loop, the last task created
+        # on it in this thread before it ran: what run_until_complete() runs, the body's
+        # task when no task runs the test function (asyncio.run in a sync test).
         self._taken: dict[asyncio.AbstractEventLoop, tuple[Any, WatchingSelector]] = {}
         self._roots: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
         self._stop = _patches.listen(_patches.LOOP_CREATE_TASK, self._on_create_task)
