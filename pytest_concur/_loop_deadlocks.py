@@ -312,13 +312,16 @@ class ThreadLoops:
         # on it in this thread before it ran: what run_until_complete() runs, the body's
         # task when no task runs the test function (asyncio.run in a sync test).
         self._taken: dict[asyncio.AbstractEventLoop, tuple[Any, WatchingSelector]] = {}
-        self._roots: dict[asyncio.AbstractEventLoop, asyncio.Task[Any]] = {}
+        # (an asyncio.Task, or the backport's pure-Python one, not an asyncio.Task to mypy)
+        self._roots: dict[asyncio.AbstractEventLoop, Any] = {}
         self._stop = _patches.listen(_patches.LOOP_CREATE_TASK, self._on_create_task)
 
     def _on_create_task(self, loop: Any, task: Any) -> None:
         if (
             threading.get_ident() != self.thread
-            or not isinstance(task, asyncio.Task)
+            # isfuture, not isinstance(task, asyncio.Task): the Runner backport that
+            # pytest-asyncio uses before 3.11 makes its task a pure-Python Task.
+            or not asyncio.isfuture(task)
             or isinstance(loop, WatchedLoop)  # ours: watched already
         ):
             return
