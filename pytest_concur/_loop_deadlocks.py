@@ -9,19 +9,29 @@ So our loops get a selector that, asked to block forever, probes in short slices
 checks the rest; when the loop is provably stuck it raises :class:`DeadlockError` out of
 the loop, with every task and what it awaits. Threads are judged with the lock tracker's
 knowledge (``_locks``): a thread blocked in a tracked wait without timeout wakes nobody.
+
+Loops made by others. Under ``--concur-check-all`` the async tests of pytest-asyncio and
+anyio run on loops their fixtures made, before the test's watch. :class:`ThreadLoops`
+watches those too, for as long as the test's watch lasts: the first time a task is created
+on one in the test's thread (their runners create the test's task, or the task they run
+until complete, right before running the loop there), the loop's selector is wrapped in a
+:class:`WatchingSelector` with the same rules, and put back when the watch ends. A loop
+whose selector we cannot reach the way CPython's selector loops keep it stays unwatched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import selectors
+import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
+from types import CodeType
 from typing import Any, final
 
-from pytest_concur import _locks
+from pytest_concur import _locks, _patches
 from pytest_concur._errors import DeadlockError
 
 _PROBE = 0.01
@@ -30,11 +40,16 @@ _MAX_PROBE = 0.1
 
 @final
 class WatchingSelector(selectors.BaseSelector):
-    """The default selector, except that blocking forever is done in watched slices."""
+    """A selector (the default one, or the loop's own it wraps) that blocks forever only in
+    watched slices."""
 
-    def __init__(self) -> None:
-        self._inner = selectors.DefaultSelector()
-        self.loop: WatchedLoop | None = None
+    def __init__(self, inner: selectors.BaseSelector | None = None) -> None:
+        self._inner = inner if inner is not None else selectors.DefaultSelector()
+        # The loop watched; None: none (yet, or any more), select() only passes through.
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # For a loop made by others, what watches it (where its body is, which signal
+        # handlers are its runner's); None for a WatchedLoop.
+        self.owner: ThreadLoops | None = None
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         return self._inner.register(fileobj, events, data)
@@ -51,9 +66,20 @@ class WatchingSelector(selectors.BaseSelector):
     def close(self) -> None:
         self._inner.close()
 
+    def __getattr__(self, name: str) -> Any:
+        # What a selector loop of a later CPython might ask of its selector beyond the
+        # BaseSelector API: the wrapped selector answers (a loop we watch must not break).
+        if name == "_inner":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        if timeout is not None or self.loop is None:
+        loop = self.loop
+        if timeout is not None or loop is None:
+            return self._inner.select(timeout)
+        owner = self.owner
+        if owner is not None and threading.get_ident() != owner.thread:
             return self._inner.select(timeout)
         probe = _PROBE
         suspect = False
@@ -61,27 +87,34 @@ class WatchingSelector(selectors.BaseSelector):
             events = self._inner.select(probe)
             if events:
                 return events
+            if self.loop is not loop:
+                return []  # no longer watched: the loop's next select() is its own
             if self._stuck():
                 if suspect:  # stuck on two looks in a row
-                    self._fail(self.loop)
+                    self._fail(loop)
                     return []
                 suspect = True
                 continue
             suspect = False
             probe = min(probe * 2, _MAX_PROBE)
 
-    @staticmethod
-    def _fail(loop: WatchedLoop) -> None:
+    def _body(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        if isinstance(loop, WatchedLoop):
+            return loop.body_task
+        owner = self.owner
+        return owner.body(loop) if owner is not None else None
+
+    def _fail(self, loop: asyncio.AbstractEventLoop) -> None:
         """Fail the test body where it awaits; failing that, fail the loop itself."""
         __tracebackhide__ = True  # the plugin's frames are not the user's
-        report = _report(loop)
+        body = self._body(loop)
+        report = _report(loop, body)
         error = DeadlockError(report)
         tracker = _locks.TRACKER
         if tracker is not None:
             # Threads blocked in tracked waits for this loop (an executor job waiting on an
             # Event) unwind too, so the loop's executor can shut down.
             tracker.set_verdict(report)
-        body = loop.body_task
         # The future the body's task is parked on (Task._fut_waiter, private: the only way
         # to wake the body with the error where the user's code awaits), through any tasks
         # it awaits, down to a plain future.
@@ -110,7 +143,9 @@ class WatchingSelector(selectors.BaseSelector):
         passive = tracker.passive_threads if tracker is not None else frozenset()
         waits = tracker.snapshot() if tracker is not None else {}
         if tracker is not None and not tracker.handlers_unchanged():
-            return False  # a signal handler the test installed may wake it
+            owner = self.owner
+            if owner is None or not owner.only_runner_handlers():
+                return False  # a signal handler the test installed may wake it
         me = threading.get_ident()
         frames = sys._current_frames()
         for thread in threading.enumerate():
@@ -144,18 +179,24 @@ def new_loop() -> asyncio.AbstractEventLoop:
     return WatchedLoop()
 
 
-def _report(loop: asyncio.AbstractEventLoop) -> str:
+def _report(loop: asyncio.AbstractEventLoop, body: asyncio.Task[Any] | None) -> str:
     lines = [
         "pytest-concur: deadlock: every task of the event loop waits, and nothing can wake "
         "one (no ready callback, no timer, no I/O, no executor job, no thread at work)"
     ]
-    lines.extend(task_lines(loop, indent="  "))
+    lines.extend(task_lines(loop, indent="  ", body=body))
     return "\n".join(lines)
 
 
-def task_lines(loop: asyncio.AbstractEventLoop, indent: str = "") -> list[str]:
-    """Each pending task of ``loop``: what it awaits and where, then its await chain."""
-    body = getattr(loop, "body_task", None)
+def task_lines(
+    loop: asyncio.AbstractEventLoop, indent: str = "", body: asyncio.Task[Any] | None = None
+) -> list[str]:
+    """Each pending task of ``loop``: what it awaits and where, then its await chain.
+
+    The body's task first: ``body``, else the one a :class:`WatchedLoop` runs.
+    """
+    if body is None:
+        body = getattr(loop, "body_task", None)
     tasks = sorted(
         (task for task in asyncio.all_tasks(loop) if not task.done()),
         key=lambda task: (task is not body, _coro_name(task), _task_name(task)),
@@ -248,3 +289,111 @@ def note_body_task() -> Callable[[], None]:
         loop.body_task = None
 
     return forget
+
+
+@final
+class ThreadLoops:
+    """Watch the loops that run in this thread from now until :meth:`close`, made by others.
+
+    For a test that runs plainly under ``--concur-check-all``: pytest-asyncio's and anyio's
+    loops, made by their fixtures (or by anyio inside the call) before anything of ours
+    could give them a selector. A loop is taken on the first task created on it in this
+    thread (``BaseEventLoop.create_task``, listened to through ``_patches``): their runners
+    create the test's task, or the one they run until complete, right before running the
+    loop here. ``body_code`` is the test function's code: the task whose await chain runs
+    it is the one woken with the error (anyio runs the test inside its runner task).
+    """
+
+    def __init__(self, body_code: CodeType | None) -> None:
+        self.thread = threading.get_ident()
+        self._body_code = body_code
+        self._handlers = _handlers()
+        # Each loop taken: its own selector, and ours. And per loop, the last task created
+        # on it in this thread before it ran: what run_until_complete() runs, the body's
+        # task when no task runs the test function (asyncio.run in a sync test).
+        self._taken: dict[asyncio.AbstractEventLoop, tuple[Any, WatchingSelector]] = {}
+        # (an asyncio.Task, or the backport's pure-Python one, not an asyncio.Task to mypy)
+        self._roots: dict[asyncio.AbstractEventLoop, Any] = {}
+        self._stop = _patches.listen(_patches.LOOP_CREATE_TASK, self._on_create_task)
+
+    def _on_create_task(self, loop: Any, task: Any) -> None:
+        if (
+            threading.get_ident() != self.thread
+            # isfuture, not isinstance(task, asyncio.Task): the Runner backport that
+            # pytest-asyncio uses before 3.11 makes its task a pure-Python Task.
+            or not asyncio.isfuture(task)
+            or isinstance(loop, WatchedLoop)  # ours: watched already
+        ):
+            return
+        if not loop.is_running():
+            self._roots[loop] = task
+        elif asyncio._get_running_loop() is not loop:
+            return  # it runs in another thread: not the test's loop
+        if loop not in self._taken:
+            self._take(loop)
+
+    def _take(self, loop: asyncio.AbstractEventLoop) -> None:
+        # BaseSelectorEventLoop._selector is private: the one place a selector loop keeps
+        # its selector, and what _run_once() asks for on each pass (so a swap between two
+        # passes holds). Read from the instance's dict and checked for what it must be, so
+        # that a CPython that keeps it otherwise leaves the loop unwatched, not broken.
+        if not isinstance(loop, asyncio.SelectorEventLoop) or loop.is_closed():
+            return
+        inner = vars(loop).get("_selector")
+        if not isinstance(inner, selectors.BaseSelector) or isinstance(inner, WatchingSelector):
+            return
+        selector = WatchingSelector(inner)
+        selector.loop = loop
+        selector.owner = self
+        loop._selector = selector  # type: ignore[attr-defined]
+        self._taken[loop] = (inner, selector)
+
+    def only_runner_handlers(self) -> bool:
+        """Whether the signal handlers that differ from the watch's start are only the
+        SIGINT handler of an ``asyncio.Runner`` (pytest-asyncio's, ``asyncio.run``'s), which
+        ``Runner.run`` installs inside the watch: only ^C calls it, as it would interrupt
+        any test."""
+        for signum, handler in self._handlers.items():
+            now = _getsignal(signum)
+            if now != handler and not (signum == signal.SIGINT and _runner_sigint(now)):
+                return False
+        return True
+
+    def body(self, loop: asyncio.AbstractEventLoop) -> asyncio.Task[Any] | None:
+        """The task that runs the test function on ``loop``, else the one the loop runs."""
+        code = self._body_code
+        if code is not None:
+            for task in asyncio.all_tasks(loop):
+                if any(frame.f_code is code for frame in _await_frames(task.get_coro())):
+                    return task
+        root = self._roots.get(loop)
+        return root if root is not None and not root.done() else None
+
+    def close(self) -> None:
+        """Stop taking loops, and give each loop taken its own selector back."""
+        self._stop()
+        taken, self._taken = self._taken, {}
+        self._roots.clear()
+        for loop, (inner, selector) in taken.items():
+            selector.loop = selector.owner = None  # a select() under way passes through
+            if vars(loop).get("_selector") is selector:  # else closed (None), or not ours now
+                loop._selector = inner  # type: ignore[attr-defined]
+
+
+def _getsignal(signum: int) -> Any:
+    try:
+        return signal.getsignal(signum)
+    except (OSError, ValueError):  # pragma: no cover - a number the platform refuses
+        return None
+
+
+def _handlers() -> dict[int, Any]:
+    """Every signal's handler, now."""
+    return {signum: _getsignal(signum) for signum in signal.valid_signals()}
+
+
+def _runner_sigint(handler: Any) -> bool:
+    # Runner.run installs functools.partial(self._on_sigint, main_task=task) (asyncio's,
+    # and the backport pytest-asyncio uses before 3.11). Known by name: a private method.
+    func = getattr(handler, "func", None)
+    return getattr(func, "__qualname__", "") == "Runner._on_sigint"
