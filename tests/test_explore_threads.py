@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-TOKEN = re.compile(r"--concur-replay=([rp]1-[0-9a-f]{10}-[0-9a-f]{4})")
+TOKEN = re.compile(r"--concur-replay=([rpb]1-[0-9a-fn.+]+-[0-9a-f]{4})")
 
 # The read-modify-write race: each thread reads, then writes what it read plus one. The
 # operating system's scheduler almost never switches between the two lines.
@@ -68,16 +68,21 @@ def test_the_lost_update_is_found_and_its_token_replays_it(pytester: pytest.Pyte
             "*AssertionError: an update was lost",
             "*- pytest-concur: schedule -*",
             "schedule * of 100 failed: [rp]1-* (*, * scheduling decisions)",
+            "Shrunk from * preemptions to 1 in * more runs: b1-* (* scheduling decisions)",
             "Rerun exactly this interleaving with:",
-            "*--concur-replay=*",
-            "*thread 'Thread-* (add)' (Counter.add) ran from test_the_lost_update*.py:*",
+            "*--concur-replay=b1-*",
+            "The interleaving, switch by switch *",
+            # The one preemption: between the read and the write of the other thread.
+            "*thread 'Thread-* (add)' (Counter.add) ran (of 2 ready), preempting thread "
+            "'Thread-* (add)' (Counter.add) at test_the_lost_update*.py:10",
         ]
     )
     token = TOKEN.search(result.stdout.str())
     assert token is not None
-    count = re.search(r"\(\w+, (\d+) scheduling decisions\)", result.stdout.str())
+    count = re.search(r"\b(\d+) scheduling decisions\)\nRerun", result.stdout.str())
     assert count is not None
-    for _ in range(5):
+    # The shrunk schedule is the one printed: its replay fails the same way, every time.
+    for _ in range(20):
         replay = pytester.runpytest(f"--concur-replay={token[1]}", "-p", "no:randomly")
         replay.assert_outcomes(failed=1, passed=1)
         replay.stdout.fnmatch_lines(
