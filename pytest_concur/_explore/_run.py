@@ -50,6 +50,7 @@ from pytest_concur._explore._schedule import (
     STRATEGIES,
     BoundedSearch,
     Schedule,
+    Switches,
     Token,
     parse_token,
     pct_seed,
@@ -70,6 +71,10 @@ _STEPS_SHOWN = 12
 # Shrinking's budget, whichever ends first: runs beyond the failing one, and seconds.
 SHRINK_RUNS = 50
 SHRINK_SECONDS = 3.0
+# A thread body is small when its default order made at most this many decisions: then the
+# bounded search (at most BOUNDED_SWITCHES switches) is part of its exploration.
+SMALL_BODY = 40
+BOUNDED_SWITCHES = 2
 WORKERINPUT_SEED = "concur_seed"
 
 
@@ -177,14 +182,22 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
     call = first
     threads = _is_thread_body(item, first)
     horizon, partly, first_partly = 8, 0, ""
+    search: BoundedSearch | None = None
+    drawn = 0  # the random and PCT schedules so far
     for index in range(plan.runs):
         seed = run_seed(state.seed, item.nodeid, index)
-        # Thread bodies alternate the two strategies: random switching at every decision,
-        # and PCT over a horizon as long as the longest run so far.
-        if threads and index % 2:
-            schedule = Schedule(pct_seed(seed, horizon), PCT)
+        # Thread bodies (the portfolio, docs/explore.md): the default order first; if it
+        # was small, every schedule with one switch from it, then those with two, every
+        # other run; else (and once those are all tried) random switching at every
+        # decision alternating with PCT over a horizon as long as the longest run so far.
+        trial = None if not threads else () if index == 0 else _bounded_next(search, index)
+        if trial is None:
+            schedule = (
+                Schedule(pct_seed(seed, horizon), PCT) if threads and drawn % 2 else Schedule(seed)
+            )
+            drawn += 1
         else:
-            schedule = Schedule(seed)
+            schedule = Schedule(0, LISTED, switches=trial)
         scheduler = ThreadScheduler(schedule, call.workers) if threads else None
         failure: BaseException | None = None
         try:
@@ -196,9 +209,11 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
         if failure is not None:
             # Raised outside the handler: a shrunk run's error has no context of ours.
             part = None if scheduler is None else scheduler.partly
+            # A failure the bounded search found needs no shrinking: every schedule with
+            # fewer switches was tried, and passed.
             shrunk = (
                 None
-                if part is not None
+                if part is not None or trial is not None
                 else _shrink(runner, again, plan, schedule, failure, threads)
             )
             _failed(
@@ -211,6 +226,11 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
                 first_partly = first_partly or scheduler.partly
             if not scheduler.ran or not schedule.decisions:
                 break
+            if trial == () and index == 0 and len(schedule.decisions) <= SMALL_BODY:
+                search = BoundedSearch(BOUNDED_SWITCHES)
+                search.next()  # the default order: this run
+            if search is not None and trial is not None:
+                search.ran(trial, schedule)
             horizon = max(horizon, len(schedule.decisions))
             call = again()
             continue
@@ -230,6 +250,17 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
             f"{item.nodeid}: partly controlled in {partly} of the schedules it ran: "
             f"{first_partly}; the other threads ran meanwhile, in no seeded order"
         )
+
+
+def _bounded_next(search: BoundedSearch | None, index: int) -> Switches | None:
+    """The bounded search's schedule for run ``index``, or None for a random or PCT one:
+    every one-switch schedule first, then the two-switch ones on every other run."""
+    if search is None:
+        return None
+    size = search.size()
+    if size is None or (size > 1 and index % 2):
+        return None
+    return search.next()
 
 
 def _is_thread_body(item: pytest.Item, call: BodyCall) -> bool:
@@ -281,7 +312,8 @@ def _shrink(
 ) -> _Shrunk | None:
     """Look for a schedule with fewer preemptions that fails the same way as ``schedule``.
 
-    First delta debugging over the failing run's switches: listed schedules that keep fewer
+    First the shortest prefix of the failing run's switches whose listed schedule still
+    fails (bisection); then delta debugging over those: listed schedules that keep fewer
     of them (all dropped first, then halves, quarters, ... down to one at a time), each
     kept when its run fails the same way with fewer preemptions, or as many and fewer
     switches; its own switches are then shrunk further. A dropped switch moves the later
@@ -298,9 +330,9 @@ def _shrink(
     best, best_error = schedule, error
     runs = 0
     stop = time.monotonic() + SHRINK_SECONDS
-    tried: dict[tuple[tuple[int, int], ...], Schedule] = {}
+    tried: dict[Switches, Schedule] = {}
 
-    def fails(trial: tuple[tuple[int, int], ...]) -> bool:
+    def fails(trial: Switches) -> bool:
         nonlocal best, best_error, runs
         if runs >= SHRINK_RUNS or time.monotonic() >= stop:
             raise _Budget
@@ -327,8 +359,18 @@ def _shrink(
         return False
 
     try:
-        # Delta debugging over the failing run's switches.
+        # The shortest prefix of the switches that still fails (by bisection: after the
+        # prefix the run goes on in the default order, without preemptions) ...
         switches = schedule.switches()
+        low, high = 0, len(switches)
+        while low < high:
+            middle = (low + high) // 2
+            if fails(switches[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+        # ... then delta debugging over what is left.
+        switches = best.switches()
         chunk = len(switches)
         while chunk >= 1:
             start = 0
@@ -438,7 +480,7 @@ def _failed(
     token = schedule.token()
     count = len(schedule.decisions)
     strategy = STRATEGIES[schedule.strategy]
-    switches = False
+    switches = schedule.strategy == LISTED
     if replayed is None:
         lines = [f"{what} failed: {token} ({strategy}, {count} scheduling decisions)"]
         if shrunk is not None:

@@ -354,6 +354,10 @@ class BoundedSearch:
         """The switches of the next schedule to try, or ``None`` when all were tried."""
         return self._queue.popleft() if self._queue else None
 
+    def size(self) -> int | None:
+        """How many switches the next schedule has; ``None`` when all were tried."""
+        return len(self._queue[0]) if self._queue else None
+
     def ran(self, switches: Switches, schedule: Schedule) -> None:
         """The schedule listing ``switches`` ran as ``schedule``: its extensions come later."""
         if len(switches) >= self.most:
