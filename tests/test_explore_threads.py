@@ -143,6 +143,9 @@ def test_a_failing_schedule_is_shrunk_and_the_shrunk_token_replays_20_of_20(
     assert shrunk is not None
     before, after, runs = map(int, shrunk.groups())
     assert after < before
+    # Switches keyed by where each thread stands: dropping one does not move the others,
+    # so most of the noise goes (53 preemptions to 3 with this seed).
+    assert after <= 3
     assert runs <= 50
     token = TOKEN.search(result.stdout.str())
     assert token is not None

@@ -22,10 +22,15 @@ schedule with few, well-placed preemptions, which random switching at every deci
 rarely makes in a long run. Its depth and horizon are part of its seed (the top four bits
 the depth, the next sixteen the horizon), so that a token is still all a replay needs.
 
-A third, *listed* (``b``), draws nothing: the token lists its *switches*, the decisions
-(numbered from 1) where it runs another candidate than the default, and which one (by its
-place among the ready candidates: ``b1-8.1+12.0-9ffe``). The default keeps the one that was
-running when it can go on, else runs the first ready one. A *preemption* is a decision
+A third, *listed* (``b``), draws nothing: the token lists its *switches*, the points where
+it runs another candidate than the default, which keeps the one that was running when it
+can go on, else runs the first ready one. A switch is ``FROM.STEP.TO``: when the candidate
+``FROM - 1`` is running and ready at its decision ``STEP`` (from 0; ``FROM`` 0: at the
+``STEP``-th decision where the one running could not go on), run the candidate ``TO``
+(``b1-1.4.2+3.0.1-9ffe``). Candidates are named by keys alike in every run of the same
+program (a thread's place in the order threads were started, a task's in the order tasks
+were first seen), and switches by where their thread stands, not by a global count of
+decisions: dropping one switch does not move the others, which is what shrinking needs. A *preemption* is a decision
 that switches away from a candidate that could have gone on (under any strategy); the
 shrinking of a failing schedule (``_run``) and the bounded search look for a failure among
 listed schedules with few of them.
@@ -49,11 +54,11 @@ STRATEGIES = {RANDOM: "random", PCT: "PCT", LISTED: "listed"}
 # The token's version: a token from another version of the scheme is refused, not misread.
 _VERSION = "1"
 _TOKEN = re.compile(
-    r"^(?P<strategy>[a-z])(?P<version>\d)-(?P<seed>[0-9a-f]{10}|n|\d+\.\d+(?:\+\d+\.\d+)*)"
+    r"^(?P<strategy>[a-z])(?P<version>\d)-(?P<seed>[0-9a-f]{10}|n|\d+\.\d+\.\d+(?:\+\d+\.\d+\.\d+)*)"
     r"-(?P<digest>[0-9a-f]{4})$"
 )
-# The switches of a listed schedule: (decision from 0, choice); a token numbers them from 1.
-Switches = tuple[tuple[int, int], ...]
+# The switches of a listed schedule: (FROM, STEP, TO), see the module docstring.
+Switches = tuple[tuple[int, int, int], ...]
 _SEED_BITS = 40
 # A PCT seed: depth (4 bits), horizon (16 bits), then the random part (20 bits).
 _PCT_RANDOM_BITS = 20
@@ -74,7 +79,7 @@ class Token:
 
     def __str__(self) -> str:
         if self.strategy == LISTED:
-            listed = "+".join(f"{index + 1}.{choice}" for index, choice in self.switches)
+            listed = "+".join(f"{at}.{step}.{to}" for at, step, to in self.switches)
             return f"{self.strategy}{_VERSION}-{listed or 'n'}-{self.digest}"
         return f"{self.strategy}{_VERSION}-{self.seed:010x}-{self.digest}"
 
@@ -90,13 +95,13 @@ def parse_token(text: str) -> Token | None:
         return None
     if not listed:
         return Token(match["strategy"], int(seed, 16), match["digest"])
-    switches: list[tuple[int, int]] = []
-    for pair in seed.split("+") if seed != "n" else ():
-        number, choice = pair.split(".")
-        if int(number) < 1 or (switches and int(number) - 1 <= switches[-1][0]):
-            return None  # decisions are numbered from 1, in order
-        switches.append((int(number) - 1, int(choice)))
-    return Token(LISTED, 0, match["digest"], tuple(switches))
+    switches = tuple(
+        (int(at), int(step), int(to))
+        for at, step, to in (part.split(".") for part in seed.split("+") if seed != "n")
+    )
+    if len({(at, step) for at, step, _ in switches}) != len(switches):
+        return None  # two switches at one point
+    return Token(LISTED, 0, match["digest"], switches)
 
 
 def run_seed(base: int, nodeid: str, run: int) -> int:
@@ -160,7 +165,12 @@ class Schedule:
         # At each decision, the place among the candidates of the one that was running, -1
         # if it could not go on (or nobody was running).
         self.currents: list[int] = []
-        self._switches = dict(switches)
+        self._switches = {(at, step): to for at, step, to in switches}
+        # At each decision: its point (FROM, STEP) and the ready candidates' keys.
+        self.points: list[tuple[int, int]] = []
+        self.ready: list[tuple[int, ...]] = []
+        self._seen: dict[int, int] = {}
+        self._keys: dict[object, int] = {}
         # What a divergence message calls the candidates (a thread scheduler says threads).
         self.noun = "tasks"
         # Who ran at each decision, as what, and where it stood (owner, name, file, line),
@@ -199,10 +209,17 @@ class Schedule:
         if current is None:
             at = -1
         count = len(keys)
+        ready = tuple(key if isinstance(key, int) else self._key(key) for key in keys)
+        running = ready[at] + 1 if at >= 0 else 0
+        point = (running, self._seen.get(running, 0))
+        self._seen[running] = point[1] + 1
+        self.points.append(point)
+        self.ready.append(ready)
         if self.strategy == LISTED:
             default = max(at, 0)
-            choice = self._switches.get(len(self.decisions), default)
-            return self._decide(count, choice if 0 <= choice < count else default, at)
+            to = self._switches.get(point)
+            choice = ready.index(to) if to is not None and to in ready else default
+            return self._decide(count, choice, at)
         if self.strategy != PCT:
             return self._decide(count, self._random.randrange(count), at)
         priorities = self._priorities
@@ -215,6 +232,10 @@ class Schedule:
             priorities[current] = float(low) - 1.0 / (2 + len(self.decisions))
         best = max(range(len(keys)), key=lambda index: priorities[keys[index]])
         return self._decide(len(keys), best, at)
+
+    def _key(self, owner: object) -> int:
+        """A key for an owner that has none: its place in the order owners were seen."""
+        return self._keys.setdefault(owner, len(self._keys))
 
     def choose(self, count: int) -> int:
         """Which of ``count`` (two or more) ready candidates runs next, from 0."""
@@ -263,7 +284,7 @@ class Schedule:
         """The decisions so far that a listed schedule's default would not make (see the
         module docstring): a listed schedule of these makes the same decisions."""
         return tuple(
-            (index, choice)
+            (*self.points[index], self.ready[index][choice])
             for index, ((_, choice), at) in enumerate(
                 zip(self.decisions, self.currents, strict=True)
             )
@@ -362,13 +383,20 @@ class BoundedSearch:
         """The schedule listing ``switches`` ran as ``schedule``: its extensions come later."""
         if len(switches) >= self.most:
             return
-        after = switches[-1][0] if switches else -1
-        for index, ((count, _), at) in enumerate(
-            zip(schedule.decisions, schedule.currents, strict=True)
-        ):
-            if index <= after:
-                continue
-            default = max(at, 0)
+        currents = schedule.currents
+        moved = [
+            index
+            for index, ((_, choice), at) in enumerate(
+                zip(schedule.decisions, currents, strict=True)
+            )
+            if choice != max(at, 0)
+        ]
+        after = moved[-1] if moved else -1
+        for index in range(after + 1, len(currents)):
+            default = max(currents[index], 0)
+            point = schedule.points[index]
             self._queue.extend(
-                (*switches, (index, choice)) for choice in range(count) if choice != default
+                (*switches, (*point, key))
+                for choice, key in enumerate(schedule.ready[index])
+                if choice != default
             )
