@@ -21,8 +21,9 @@ run is checked as a run of its own), until a run fails or the schedules are used
   :data:`SHRINK_SECONDS`, and the one with the fewest preemptions that fails the same way
   (the same exception type raised from the same line) is the one reported;
 - a failure keeps the body's own exception and report (the shrunk run's, when shrunk); a
-  section under it names the schedule's replay token, the command that reruns it and the last steps, and the token
-  goes into the report's ``user_properties`` (hence JUnit XML) and pytest's cache
+  section under it names the schedule's replay token, the command that reruns it and the
+  last steps (a listed schedule's switches), and the token goes into the report's
+  ``user_properties`` (hence JUnit XML) and pytest's cache
   (``--concur-replay=last``), with the decisions, so that a replay can say where it
   diverged.
 
@@ -316,9 +317,8 @@ def _shrink(
     fails (bisection); then delta debugging over those: listed schedules that keep fewer
     of them (all dropped first, then halves, quarters, ... down to one at a time), each
     kept when its run fails the same way with fewer preemptions, or as many and fewer
-    switches; its own switches are then shrunk further. A dropped switch moves the later
-    ones to other points of the run; that is why each run's own switches are kept, not the
-    list tried. Then, while more than one preemption is left, the bounded search
+    switches; its own switches are then shrunk further (a dropped switch can change what
+    the later ones meet: each run's own switches are kept, not the list tried). Then, while more than one preemption is left, the bounded search
     (``_schedule.BoundedSearch``) for a failure with fewer. The budget, whichever ends
     first: :data:`SHRINK_RUNS` runs and :data:`SHRINK_SECONDS` seconds.
     """
@@ -334,6 +334,8 @@ def _shrink(
 
     def fails(trial: Switches) -> bool:
         nonlocal best, best_error, runs
+        if trial in tried:
+            return False  # ran already (a failure kept then is best, never tried again)
         if runs >= SHRINK_RUNS or time.monotonic() >= stop:
             raise _Budget
         runs += 1
