@@ -453,6 +453,13 @@ def _replay(
             f"{item.nodeid}: replay of {token} passed, but its body does not run on an event "
             "loop pytest-concur schedules: nothing was replayed"
         )
+    elif scheduler is not None and scheduler.partly is not None:
+        # A wait the scheduler could not see (or a thread the machine did not run for a
+        # while) let the others go in no seeded order: say so, not only that it diverged.
+        state.notes.append(
+            f"{item.nodeid}: replay of {token} passed, but it was partly controlled: "
+            f"{scheduler.partly}; the pass says nothing about the recorded interleaving"
+        )
     elif schedule.divergence is not None:
         state.notes.append(
             f"{item.nodeid}: replay of {token} passed, but it diverged from the recorded run "
