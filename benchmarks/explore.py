@@ -14,7 +14,8 @@ own order, what a plain run does) is the baseline. Each correct body runs once w
 The cost per scheduling decision is measured in-process: many tasks that each yield many
 times, on the exploring loop with a schedule against the same loop without one, the
 difference divided by the decisions made. Last, the wall time of one ``explore=100`` item
-on a small body against the same item run once.
+on a small body against the same item run once, and what shrinking made of the failing
+schedules (preemptions before and after, runs it took).
 
 Thread bodies (the lost update ``v = self.n; self.n = v + 1`` between two threads, a
 check-then-act on a dict) are measured alike under ``@pytest.mark.backend("thread",
@@ -29,6 +30,7 @@ import argparse
 import asyncio
 import contextvars
 import re
+import statistics
 import tempfile
 import textwrap
 import threading
@@ -341,6 +343,28 @@ def thread_decision_cost(lines: int = 5000) -> tuple[float, int]:
     return (best - plain) / max(decisions, 1) * 1e6, decisions
 
 
+_SHRUNK = re.compile(r"Shrunk from (\d+) preemptions to (\d+) in (\d+) more run")
+_NOT_SHRUNK = re.compile(r"Not shrunk: .* in (\d+) more runs? \((\d+) preemption")
+
+
+def _shrinking(folder: Path, source: str) -> str:
+    """Preemptions before and after shrinking, over the failures of one run of ``source``."""
+    path = folder / "test_body.py"
+    path.write_text(source)
+    proc = pytest_run(folder, "-p", "no:asyncio", str(path))
+    pairs = [(int(a), int(b), int(runs)) for a, b, runs in _SHRUNK.findall(proc.stdout)]
+    pairs += [(int(a), int(a), int(runs)) for runs, a in _NOT_SHRUNK.findall(proc.stdout)]
+    if not pairs:
+        return "no failure was shrunk (found by the bounded search, or none with preemptions)"
+    before = statistics.median(a for a, _, _ in pairs)
+    after = statistics.median(b for _, b, _ in pairs)
+    runs = statistics.mean(r for _, _, r in pairs)
+    return (
+        f"preemptions {before:g} -> {after:g} (medians of {len(pairs)} failures), "
+        f"{runs:.1f} more runs on average"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=50, help="explore=100 runs per body")
@@ -365,6 +389,16 @@ def main() -> None:
             wrong, _, _ = _failures(folder, fixed)
             label = f"{name} [thread]"
             print(f"{label:<30} {plain:>4}/{total:<5} {found:>6}/{total:<5} {wrong:>8}/1000")
+        print("\nshrinking a failing schedule (10 failures per body):")
+        for name, (racy, _, rest) in BODIES.items():
+            print(f"  {name:<36} {_shrinking(folder, _module(racy, rest, 10, 100))}")
+        large = textwrap.dedent(THREAD_BODIES["lost update (2 threads)"][0]).replace(
+            "def work(box, lock):\n",
+            "def work(box, lock):\n    for _ in range(25):\n        pass\n",
+        )
+        label = "lost update, 25-line loops [thread]"
+        shrunk = _shrinking(folder, THREAD_MODULE.format(work=large, items=10, explore=100))
+        print(f"  {label:<36} {shrunk}")
         racy, correct, rest = BODIES["check-then-await"]
         once = _call_seconds(folder, _module(correct, rest, 1, 0))
         hundred = _call_seconds(folder, _module(correct, rest, 1, 100))

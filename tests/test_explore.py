@@ -38,7 +38,7 @@ async def test_fetched_once():
     assert FETCHES == [1], "fetched more than once"
 """
 
-TOKEN = re.compile(r"--concur-replay=(r1-[0-9a-f]{10}-[0-9a-f]{4})")
+TOKEN = re.compile(r"--concur-replay=([rpb]1-[0-9a-fn.+]+-[0-9a-f]{4})")
 
 
 # Every run of an explored body is checked, the blocked-loop check too, with its 0.1 s
@@ -74,17 +74,21 @@ def test_check_then_await_race_is_found_and_replays_exactly(
             "*AssertionError: fetched more than once",
             "*- pytest-concur: schedule -*",
             "schedule * of 50 failed: r1-* (random, * scheduling decisions)",
+            "Shrunk from * preemptions to 1 in * more runs: b1-* (* scheduling decisions)",
             "Rerun exactly this interleaving with:",
             f"  pytest 'test_check_then_await_race_is_found_and_replays_exactly.py::"
-            f"test_fetched_once[[]{backend}[]]' --concur-replay=r1-*",
-            "*task * (later) ran from test_check_then_await_race_is_found_and_replays_exactly.py:*",
+            f"test_fetched_once[[]{backend}[]]' --concur-replay=b1-*",
+            "The interleaving, switch by switch *",
+            "*task * (later) ran from test_check_then_await_race_is_found_and_replays_exactly.py:"
+            "* (of 2 ready), preempting task * (get) at *.py:13",
         ]
     )
     token = TOKEN.search(result.stdout.str())
     assert token is not None
-    decisions = re.search(r"\((random, \d+ scheduling decisions)\)", result.stdout.str())
+    decisions = re.search(r"\((\d+ scheduling decisions)\)\nRerun", result.stdout.str())
     assert decisions is not None
-    count = decisions[1].split(", ")[1]
+    count = decisions[1]
+    # The shrunk schedule is the one printed: its replay fails the same way, every time.
     for _ in range(20):
         replay = pytester.runpytest(f"--concur-replay={token[1]}")
         replay.assert_outcomes(failed=1)
@@ -206,7 +210,7 @@ def test_a_replay_that_diverges_says_so(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
     result.stdout.fnmatch_lines(
         [
-            "pytest-concur: *test_fetched_once[[]asyncio[]]: replay of r1-* passed, but it "
+            "pytest-concur: *test_fetched_once[[]asyncio[]]: replay of b1-* passed, but it "
             "diverged from the recorded run * scheduling decision*: the code changed, or it "
             "depends on something the schedule does not control*"
         ]

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-TOKEN = re.compile(r"--concur-replay=([rp]1-[0-9a-f]{10}-[0-9a-f]{4})")
+TOKEN = re.compile(r"--concur-replay=([rpb]1-[0-9a-fn.+]+-[0-9a-f]{4})")
 
 # The read-modify-write race: each thread reads, then writes what it read plus one. The
 # operating system's scheduler almost never switches between the two lines.
@@ -67,15 +67,19 @@ def test_the_lost_update_is_found_and_its_token_replays_it(pytester: pytest.Pyte
         [
             "*AssertionError: an update was lost",
             "*- pytest-concur: schedule -*",
-            "schedule * of 100 failed: [rp]1-* (*, * scheduling decisions)",
+            # A small body: the bounded search finds it (see the test below).
+            "schedule * of 100 failed: b1-* (listed, * scheduling decisions)",
             "Rerun exactly this interleaving with:",
-            "*--concur-replay=*",
-            "*thread 'Thread-* (add)' (Counter.add) ran from test_the_lost_update*.py:*",
+            "*--concur-replay=b1-*",
+            "The interleaving, switch by switch *",
+            # The one preemption: between the read and the write of the other thread.
+            "*thread 'Thread-* (add)' (Counter.add) ran (of 2 ready), preempting thread "
+            "'Thread-* (add)' (Counter.add) at test_the_lost_update*.py:10",
         ]
     )
     token = TOKEN.search(result.stdout.str())
     assert token is not None
-    count = re.search(r"\(\w+, (\d+) scheduling decisions\)", result.stdout.str())
+    count = re.search(r"\b(\d+) scheduling decisions\)\nRerun", result.stdout.str())
     assert count is not None
     for _ in range(5):
         replay = pytester.runpytest(f"--concur-replay={token[1]}", "-p", "no:randomly")
@@ -87,6 +91,119 @@ def test_the_lost_update_is_found_and_its_token_replays_it(pytester: pytest.Pyte
                 "decisions as the recorded run",
             ]
         )
+
+
+def test_the_bounded_search_finds_the_lost_update_first_whatever_the_seed(
+    pytester: pytest.Pytester,
+) -> None:
+    # The default order, then each single switch from it in order: the seed plays no part.
+    pytester.makepyfile(lost_update())
+    tokens, numbers = set(), set()
+    for seed in (1, 2, 3):
+        result = pytester.runpytest("--concur-explore=100", f"--concur-seed={seed}")
+        result.assert_outcomes(failed=1, passed=1)
+        found = re.search(r"schedule (\d+) of 100 failed: (b1-\S+) \(listed", result.stdout.str())
+        assert found is not None
+        numbers.add(int(found[1]))
+        tokens.add(found[2])
+    assert len(tokens) == 1
+    assert len(numbers) == 1
+    assert numbers.pop() <= 20
+
+
+# A body too large for the bounded search (its default order makes more than 40
+# decisions): random and PCT find the race, with switches that have nothing to do with it.
+LARGE = lost_update().replace(
+    "    def add(self):\n", "    def add(self):\n        for _ in range(25):\n            pass\n"
+)
+
+
+def test_a_failing_schedule_is_shrunk_and_the_shrunk_token_replays_20_of_20(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makepyfile(LARGE)
+    # Only the budget of runs, not of seconds, on a loaded machine: the same result each time.
+    pytester.makeconftest("from pytest_concur._explore import _run\n_run.SHRINK_SECONDS = 60\n")
+    result = pytester.runpytest("--concur-explore=100", "--concur-seed=1")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: an update was lost",
+            "*- pytest-concur: schedule -*",
+            "schedule * of 100 failed: [rp]1-* (*, * scheduling decisions)",
+            "Shrunk from * preemptions to * in * more runs: b1-* (* scheduling decisions)",
+            "Rerun exactly this interleaving with:",
+            "*--concur-replay=b1-*",
+            "The interleaving, switch by switch *",
+            "*thread 'Thread-* (add)' (Counter.add) ran * preempting thread "
+            "'Thread-* (add)' (Counter.add) at test_a_failing*.py:*",
+        ]
+    )
+    shrunk = re.search(r"Shrunk from (\d+) preemptions to (\d+) in (\d+) more", result.stdout.str())
+    assert shrunk is not None
+    before, after, runs = map(int, shrunk.groups())
+    assert after < before
+    # Switches keyed by where each thread stands: dropping one does not move the others,
+    # so most of the noise goes (53 preemptions to 3 with this seed).
+    assert after <= 3
+    assert runs <= 50
+    token = TOKEN.search(result.stdout.str())
+    assert token is not None
+    assert token[1].startswith("b1-")
+    count = re.search(r"\b(\d+) scheduling decisions\)\nRerun", result.stdout.str())
+    assert count is not None
+    for _ in range(20):
+        replay = pytester.runpytest(f"--concur-replay={token[1]}")
+        replay.assert_outcomes(failed=1, passed=1)
+        replay.stdout.fnmatch_lines(
+            [
+                "*AssertionError: an update was lost",
+                f"replay of {token[1]} failed again, after the same {count[1]} scheduling "
+                "decisions as the recorded run",
+            ]
+        )
+
+
+def test_shrinking_that_finds_nothing_says_so_within_its_budget(
+    pytester: pytest.Pytester,
+) -> None:
+    # Only the first random schedule fails (run 2; run 1 is the default order): no shrunk
+    # schedule can fail the same way, and shrinking stops at its budget of runs.
+    pytester.makepyfile(
+        LARGE.replace(
+            'assert counter.n == 2, "an update was lost"', 'assert len(RUNS) != 2, "once"'
+        )
+    )
+    result = pytester.runpytest("--concur-explore=100", "-s")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*AssertionError: once",
+            "schedule 2 of 100 failed: r1-* (random, * scheduling decisions)",
+            "Not shrunk: no schedule with fewer preemptions failed the same way in * more "
+            "runs (* preemptions)",
+            "Rerun exactly this interleaving with:",
+            "*--concur-replay=r1-*",
+        ]
+    )
+    runs = re.search(r"RUNS (\d+)", result.stdout.str())
+    assert runs is not None
+    assert 2 < int(runs[1]) <= 2 + 50
+
+
+def test_a_thread_replay_that_diverges_counts_threads(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(lost_update(explore=100))
+    pytester.runpytest().assert_outcomes(failed=1, passed=1)
+    # Three threads now: the recorded decisions no longer match.
+    pytester.makepyfile(lost_update(explore=100).replace("range(2)", "range(3)"))
+    result = pytester.runpytest("--concur-replay=last")
+    result.stdout.fnmatch_lines(
+        [
+            "*diverged from the recorded run at scheduling decision *: * threads were ready where "
+            "the recorded run had *"
+        ]
+    )
+    assert "tasks were ready" not in result.stdout.str()
 
 
 def test_a_plain_run_passes_the_lost_update(pytester: pytest.Pytester) -> None:

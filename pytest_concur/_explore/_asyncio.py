@@ -65,6 +65,9 @@ class _ReadyQueue(collections.deque[Any]):
         # id(handle) -> its owner, for handles scheduled while a schedule was set. A handle
         # leaves the map when it leaves the queue, so an id is never stale.
         self._owners: dict[int, object] = {}
+        # The owner of the callback taken last: the one "running" (running on is no
+        # preemption; see _schedule).
+        self._last: object = None
 
     def append(self, handle: Any) -> None:
         if self._control.schedule is not None:
@@ -80,6 +83,7 @@ class _ReadyQueue(collections.deque[Any]):
         if schedule is None:
             handle = super().popleft()
             self._owners.pop(id(handle), None)
+            self._last = None
             return handle
         self._control.ran = True
         # A copy, made without running Python code, hence whole even while another thread
@@ -95,14 +99,18 @@ class _ReadyQueue(collections.deque[Any]):
                 firsts[owner] = index
         if len(firsts) < 2:
             handle = super().popleft()
-            owners.pop(id(handle), None)
+            self._last = owners.pop(id(handle), _LOOP)
             return handle
         candidates = list(firsts.items())
-        owner, index = candidates[schedule.choose(len(candidates))]
+        last = self._last
+        owner, index = candidates[schedule.pick(list(firsts), last)]
         handle = snapshot[index]
+        # Where the one that was running stands, if it could go on (before the queue moves).
+        current = _where(last, snapshot[firsts[last]]) if last in firsts else None
         del self[index]
         owners.pop(id(handle), None)
-        schedule.steps.append(_where(owner, handle))
+        self._last = owner
+        schedule.record(_where(owner, handle), current)
         return handle
 
     def _owner(self, handle: Any) -> object:

@@ -16,9 +16,14 @@ run is checked as a run of its own), until a run fails or the schedules are used
 - a run whose body did not run on the exploring loop nor on controlled threads (the
   ``process`` backend) ends it too: nothing was controlled, and the terminal summary says
   so rather than let N identical runs look like exploration;
-- a failure keeps the body's own exception and report; a section under it names the
-  schedule's replay token, the command that reruns it and the last steps, and the token
-  goes into the report's ``user_properties`` (hence JUnit XML) and pytest's cache
+- a failing schedule with preemptions is *shrunk* (:func:`_shrink`): listed schedules
+  (``_schedule``) with fewer of its switches are run, within :data:`SHRINK_RUNS` runs and
+  :data:`SHRINK_SECONDS`, and the one with the fewest preemptions that fails the same way
+  (the same exception type raised from the same line) is the one reported;
+- a failure keeps the body's own exception and report (the shrunk run's, when shrunk); a
+  section under it names the schedule's replay token, the command that reruns it and the
+  last steps (a listed schedule's switches), and the token goes into the report's
+  ``user_properties`` (hence JUnit XML) and pytest's cache
   (``--concur-replay=last``), with the decisions, so that a replay can say where it
   diverged.
 
@@ -31,6 +36,7 @@ import dataclasses
 import os
 import random
 import shlex
+import time
 from collections.abc import Callable
 from typing import Any, Protocol, final
 
@@ -40,9 +46,12 @@ from pytest_concur import _marker, _report
 from pytest_concur._backends.base import BodyCall
 from pytest_concur._explore._asyncio import Control, describe, exploring_loop
 from pytest_concur._explore._schedule import (
+    LISTED,
     PCT,
     STRATEGIES,
+    BoundedSearch,
     Schedule,
+    Switches,
     Token,
     parse_token,
     pct_seed,
@@ -60,6 +69,13 @@ CACHE_KEY = "concur/explore/last"
 # A longer recording is not kept (the token's digest still tells a divergence).
 _MAX_RECORDED = 20_000
 _STEPS_SHOWN = 12
+# Shrinking's budget, whichever ends first: runs beyond the failing one, and seconds.
+SHRINK_RUNS = 50
+SHRINK_SECONDS = 3.0
+# A thread body is small when its default order made at most this many decisions: then the
+# bounded search (at most BOUNDED_SWITCHES switches) is part of its exploration.
+SMALL_BODY = 40
+BOUNDED_SWITCHES = 2
 WORKERINPUT_SEED = "concur_seed"
 
 
@@ -167,32 +183,55 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
     call = first
     threads = _is_thread_body(item, first)
     horizon, partly, first_partly = 8, 0, ""
+    search: BoundedSearch | None = None
+    drawn = 0  # the random and PCT schedules so far
     for index in range(plan.runs):
         seed = run_seed(state.seed, item.nodeid, index)
-        # Thread bodies alternate the two strategies: random switching at every decision,
-        # and PCT over a horizon as long as the longest run so far.
-        if threads and index % 2:
-            schedule = Schedule(pct_seed(seed, horizon), PCT)
+        # Thread bodies (the portfolio, docs/explore.md): the default order first; if it
+        # was small, every schedule with one switch from it, then those with two, every
+        # other run; else (and once those are all tried) random switching at every
+        # decision alternating with PCT over a horizon as long as the longest run so far.
+        trial = None if not threads else () if index == 0 else _bounded_next(search, index)
+        if trial is None:
+            schedule = (
+                Schedule(pct_seed(seed, horizon), PCT) if threads and drawn % 2 else Schedule(seed)
+            )
+            drawn += 1
         else:
-            schedule = Schedule(seed)
+            schedule = Schedule(0, LISTED, switches=trial)
         scheduler = ThreadScheduler(schedule, call.workers) if threads else None
+        failure: BaseException | None = None
         try:
             _run_once(runner, call, plan.control, schedule, scheduler)
         except BaseException as exc:
-            if not _is_outcome(exc):
-                _failed(
-                    item,
-                    schedule,
-                    f"schedule {index + 1} of {plan.runs}",
-                    partly=None if scheduler is None else scheduler.partly,
-                )
-            raise
+            if _is_outcome(exc):
+                raise
+            failure = exc
+        if failure is not None:
+            # Raised outside the handler: a shrunk run's error has no context of ours.
+            part = None if scheduler is None else scheduler.partly
+            # A failure the bounded search found needs no shrinking: every schedule with
+            # fewer switches was tried, and passed.
+            shrunk = (
+                None
+                if part is not None or trial is not None
+                else _shrink(runner, again, plan, schedule, failure, threads)
+            )
+            _failed(
+                item, schedule, f"schedule {index + 1} of {plan.runs}", partly=part, shrunk=shrunk
+            )
+            raise failure if shrunk is None or shrunk.schedule is schedule else shrunk.error
         if scheduler is not None:
             if scheduler.partly is not None:
                 partly += 1
                 first_partly = first_partly or scheduler.partly
             if not scheduler.ran or not schedule.decisions:
                 break
+            if trial == () and index == 0 and len(schedule.decisions) <= SMALL_BODY:
+                search = BoundedSearch(BOUNDED_SWITCHES)
+                search.next()  # the default order: this run
+            if search is not None and trial is not None:
+                search.ran(trial, schedule)
             horizon = max(horizon, len(schedule.decisions))
             call = again()
             continue
@@ -212,6 +251,17 @@ def run(item: pytest.Item, runner: _Runner, first: BodyCall, again: Callable[[],
             f"{item.nodeid}: partly controlled in {partly} of the schedules it ran: "
             f"{first_partly}; the other threads ran meanwhile, in no seeded order"
         )
+
+
+def _bounded_next(search: BoundedSearch | None, index: int) -> Switches | None:
+    """The bounded search's schedule for run ``index``, or None for a random or PCT one:
+    every one-switch schedule first, then the two-switch ones on every other run."""
+    if search is None:
+        return None
+    size = search.size()
+    if size is None or (size > 1 and index % 2):
+        return None
+    return search.next()
 
 
 def _is_thread_body(item: pytest.Item, call: BodyCall) -> bool:
@@ -241,6 +291,137 @@ def _run_once(
         control.schedule = None
 
 
+@final
+@dataclasses.dataclass(frozen=True)
+class _Shrunk:
+    """What shrinking found: the schedule to report (the failing one if none beat it), the
+    error of its run, how many runs it took, and the failing schedule's preemptions."""
+
+    schedule: Schedule
+    error: BaseException
+    runs: int
+    before: int
+
+
+def _shrink(
+    runner: _Runner,
+    again: Callable[[], BodyCall],
+    plan: _Plan,
+    schedule: Schedule,
+    error: BaseException,
+    threads: bool,
+) -> _Shrunk | None:
+    """Look for a schedule with fewer preemptions that fails the same way as ``schedule``.
+
+    First the shortest prefix of the failing run's switches whose listed schedule still
+    fails (bisection); then delta debugging over those: listed schedules that keep fewer
+    of them (all dropped first, then halves, quarters, ... down to one at a time), each
+    kept when its run fails the same way with fewer preemptions, or as many and fewer
+    switches; its own switches are then shrunk further (a dropped switch can change what
+    the later ones meet: each run's own switches are kept, not the list tried). Then, while more than one preemption is left, the bounded search
+    (``_schedule.BoundedSearch``) for a failure with fewer. The budget, whichever ends
+    first: :data:`SHRINK_RUNS` runs and :data:`SHRINK_SECONDS` seconds.
+    """
+    __tracebackhide__ = True  # the plugin's frames are not the user's
+    before = schedule.preemptions()
+    if before == 0 or _is_hang(error):
+        return None
+    key = _failure_key(error)
+    best, best_error = schedule, error
+    runs = 0
+    stop = time.monotonic() + SHRINK_SECONDS
+    tried: dict[Switches, Schedule] = {}
+
+    def fails(trial: Switches) -> bool:
+        nonlocal best, best_error, runs
+        if trial in tried:
+            return False  # ran already (a failure kept then is best, never tried again)
+        if runs >= SHRINK_RUNS or time.monotonic() >= stop:
+            raise _Budget
+        runs += 1
+        candidate = tried[trial] = Schedule(0, LISTED, switches=trial)
+        call = again()
+        scheduler = ThreadScheduler(candidate, call.workers) if threads else None
+        try:
+            _run_once(runner, call, plan.control, candidate, scheduler)
+        except BaseException as exc:
+            if _is_outcome(exc) or _is_hang(exc):
+                raise  # a hang: the test's deadline passed, nothing more may run
+            if (
+                (scheduler is None or scheduler.partly is None)
+                and _failure_key(exc) == key
+                and candidate.preemptions() <= best.preemptions()
+                and (
+                    candidate.preemptions() < best.preemptions()
+                    or len(candidate.switches()) < len(best.switches())
+                )
+            ):
+                best, best_error = candidate, exc
+                return True
+        return False
+
+    try:
+        # The shortest prefix of the switches that still fails (by bisection: after the
+        # prefix the run goes on in the default order, without preemptions) ...
+        switches = schedule.switches()
+        low, high = 0, len(switches)
+        while low < high:
+            middle = (low + high) // 2
+            if fails(switches[:middle]):
+                high = middle
+            else:
+                low = middle + 1
+        # ... then delta debugging over what is left.
+        switches = best.switches()
+        chunk = len(switches)
+        while chunk >= 1:
+            start = 0
+            while start < len(switches):
+                if fails(switches[:start] + switches[start + chunk :]):
+                    switches = best.switches()
+                    chunk = min(chunk, len(switches))
+                else:
+                    start += chunk
+            chunk //= 2
+        # Subsets of one run's switches may all need two preemptions where another single
+        # one would do: the bounded search, below the preemptions found, from the default.
+        search = BoundedSearch(best.preemptions() - 1)
+        while best.preemptions() > 1 and (trial := search.next()) is not None:
+            ran = tried.get(trial)
+            if ran is None:
+                fails(trial)
+                ran = tried[trial]
+            if ran is best:
+                search = BoundedSearch(best.preemptions() - 1)
+                continue
+            search.ran(trial, ran)
+    except _Budget:
+        pass
+    except BaseException as exc:
+        if _is_outcome(exc):
+            raise
+        # A hang in a shrinking run: report the best so far (its error was raised before).
+    return _Shrunk(best, best_error, runs, before)
+
+
+class _Budget(Exception):
+    """Shrinking's budget is spent."""
+
+
+def _failure_key(error: BaseException) -> tuple[str, str, int]:
+    """What "fails the same way" compares: the exception's type and where it was raised."""
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = ("", 0) if tb is None else (tb.tb_frame.f_code.co_filename, tb.tb_lineno)
+    return type(error).__qualname__, *where
+
+
+def _is_hang(error: BaseException) -> bool:
+    """A failure at the test's deadline (``_timeout``): nothing more may run."""
+    return bool(getattr(error, "concur_hang_report", False))
+
+
 def _replay(
     item: pytest.Item,
     runner: _Runner,
@@ -251,7 +432,7 @@ def _replay(
 ) -> None:
     __tracebackhide__ = True  # the plugin's frames are not the user's
     state = session(item.config)
-    schedule = Schedule(token.seed, token.strategy, recorded=recorded)
+    schedule = Schedule.from_token(token, recorded)
     scheduler = ThreadScheduler(schedule, call.workers) if _is_thread_body(item, call) else None
     try:
         _run_once(runner, call, plan.control, schedule, scheduler)
@@ -271,6 +452,13 @@ def _replay(
         state.notes.append(
             f"{item.nodeid}: replay of {token} passed, but its body does not run on an event "
             "loop pytest-concur schedules: nothing was replayed"
+        )
+    elif scheduler is not None and scheduler.partly is not None:
+        # A wait the scheduler could not see (or a thread the machine did not run for a
+        # while) let the others go in no seeded order: say so, not only that it diverged.
+        state.notes.append(
+            f"{item.nodeid}: replay of {token} passed, but it was partly controlled: "
+            f"{scheduler.partly}; the pass says nothing about the recorded interleaving"
         )
     elif schedule.divergence is not None:
         state.notes.append(
@@ -295,13 +483,38 @@ def _failed(
     replayed: Token | None = None,
     *,
     partly: str | None = None,
+    shrunk: _Shrunk | None = None,
 ) -> None:
     """Note the failing schedule: in the report, the JUnit XML properties and the cache."""
     token = schedule.token()
     count = len(schedule.decisions)
     strategy = STRATEGIES[schedule.strategy]
+    switches = schedule.strategy == LISTED
     if replayed is None:
         lines = [f"{what} failed: {token} ({strategy}, {count} scheduling decisions)"]
+        if shrunk is not None:
+            more = f"{shrunk.runs} more run{'s' if shrunk.runs != 1 else ''}"
+            if shrunk.schedule is schedule:
+                lines.append(
+                    f"Not shrunk: no schedule with fewer preemptions failed the same way in "
+                    f"{more} ({_preemptions(shrunk.before)})"
+                )
+            else:
+                schedule = shrunk.schedule
+                token = schedule.token()
+                count = len(schedule.decisions)
+                after = schedule.preemptions()
+                lines.append(
+                    f"Shrunk from {shrunk.before} preemptions to {after} in {more}: {token} "
+                    f"({count} scheduling decisions)"
+                )
+                switches = True
+    elif replayed.strategy == LISTED and schedule.divergence is None:
+        lines = [
+            f"replay of {replayed} failed again, after the same {count} scheduling decisions "
+            "as the recorded run"
+        ]
+        switches = True
     elif schedule.divergence is None:
         lines = [
             f"replay of {replayed} failed again, after the same {count} scheduling decisions "
@@ -323,17 +536,34 @@ def _failed(
     ]
     if getattr(item.config, "cache", None) is not None:
         lines.append(f"  (or {REPLAY_OPTION}=last: the last failing schedule of each test)")
-    steps = schedule.last_steps(_STEPS_SHOWN, _describe)
-    if steps:
-        first = count - len(steps) + 1
-        lines.append("The last scheduling decisions:" if first > 1 else "The scheduling decisions:")
-        root = str(item.config.rootpath)
-        for number, step in enumerate(steps, start=first):
-            where = step.where
-            if where.startswith(root + os.sep):
-                where = where[len(root) + 1 :]
-            at = f" from {where}" if where else ""
-            lines.append(f"  {number:>4}. {step.who} ran{at} (of {step.ready} ready)")
+    if switches:
+        steps = schedule.switch_steps(_STEPS_SHOWN, _describe)
+        lines.append(
+            "The interleaving, switch by switch (each runs until the next; a preemption "
+            "switched away from one that could go on):"
+            if steps
+            else "The interleaving: no switches, each ran until it could not go on."
+        )
+    else:
+        steps = schedule.last_steps(_STEPS_SHOWN, _describe)
+        if steps:
+            first = steps[0].number
+            lines.append(
+                "The last scheduling decisions:" if first > 1 else "The scheduling decisions:"
+            )
+    root = str(item.config.rootpath)
+    for step in steps:
+        where = step.where
+        if where.startswith(root + os.sep):
+            where = where[len(root) + 1 :]
+        at = f" from {where}" if where else ""
+        line = f"  {step.number:>4}. {step.who} ran{at} (of {step.ready} ready)"
+        if switches and step.preempted:
+            left = step.preempted_where
+            if left.startswith(root + os.sep):
+                left = left[len(root) + 1 :]
+            line += f", preempting {step.preempted}" + (f" at {left}" if left else "")
+        lines.append(line)
     item.stash[_SECTION_TEXT] = "\n".join(lines)
     item.user_properties.append(("concur_replay", str(token)))
     cache = getattr(item.config, "cache", None)
@@ -343,6 +573,10 @@ def _failed(
         decisions = schedule.decisions if count <= _MAX_RECORDED else None
         last[item.nodeid] = {"token": str(token), "decisions": decisions}
         cache.set(CACHE_KEY, last)
+
+
+def _preemptions(count: int) -> str:
+    return f"{count} preemption{'s' if count != 1 else ''}"
 
 
 def _describe(owner: object, name: str) -> str:

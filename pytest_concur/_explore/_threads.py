@@ -103,6 +103,7 @@ class ThreadScheduler:
 
     def __init__(self, schedule: Schedule, copies: int = 1) -> None:
         self._schedule = schedule
+        schedule.noun = "threads"
         self._copies = copies
         self._mutex = _real_lock()
         self._threads: list[_Thread] = []
@@ -381,7 +382,10 @@ class ThreadScheduler:
         keys = [entry.index for entry in candidates]
         chosen = candidates[self._schedule.pick(keys, None if me is None else me.index)]
         filename, lineno = chosen.where
-        self._schedule.steps.append((chosen, chosen.function, filename, lineno))
+        current = None
+        if me is not None and me is not chosen:
+            current = (me, me.function, *me.where)
+        self._schedule.record((chosen, chosen.function, filename, lineno), current)
         return chosen
 
     def _next(self, me: _Thread | None) -> None:
