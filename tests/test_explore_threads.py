@@ -152,8 +152,15 @@ def test_a_failing_schedule_is_shrunk_and_the_shrunk_token_replays_20_of_20(
     assert token[1].startswith("b1-")
     count = re.search(r"\b(\d+) scheduling decisions\)\nRerun", result.stdout.str())
     assert count is not None
-    for _ in range(20):
+    replayed = partly = 0
+    while replayed < 20:
         replay = pytester.runpytest(f"--concur-replay={token[1]}")
+        if "passed, but it was partly controlled" in replay.stdout.str() and partly < 3:
+            # A thread that a loaded machine did not run for 50 ms lost its turn, and the run
+            # says that its pass tells nothing about the interleaving: not a replay of it.
+            partly += 1
+            continue
+        replayed += 1
         replay.assert_outcomes(failed=1, passed=1)
         replay.stdout.fnmatch_lines(
             [
