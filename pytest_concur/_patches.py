@@ -320,7 +320,11 @@ def uninstall() -> None:
             site = kept.get(id(record))
             if site is not None:
                 site.uninstall()
-            elif id(record) in replaced and _undo(record):
+            elif id(record) in replaced:
+                if not _undo(record) and record in _SWAPS:
+                    # Replaced over (pytest 8.0 puts its per-phase excepthook back itself):
+                    # nothing of ours to put back, and the wrapper keeps its own switch.
+                    _SWAPS.remove(record)
                 del _REPLACED[replaced[id(record)]]
 
 
