@@ -15,7 +15,14 @@ import typing
 
 if typing.TYPE_CHECKING:
     from pytest_concur._backends._child import run_job
-    from pytest_concur._backends.base import Backend, BodyCall, Check, Runner, Watch
+    from pytest_concur._backends.base import (
+        Backend,
+        BodyCall,
+        Check,
+        FixtureRunner,
+        Runner,
+        Watch,
+    )
     from pytest_concur._backends.jobs import pack_jobs, raise_outcomes
     from pytest_concur._errors import (
         DeadlockError,
@@ -35,6 +42,7 @@ __all__ = [
     "Check",
     "Concur",
     "DeadlockError",
+    "FixtureRunner",
     "HangError",
     "PotentialDeadlockWarning",
     "Runner",
@@ -53,6 +61,7 @@ _HOMES = {
     "Backend": "pytest_concur._backends.base",
     "BodyCall": "pytest_concur._backends.base",
     "Check": "pytest_concur._backends.base",
+    "FixtureRunner": "pytest_concur._backends.base",
     "Runner": "pytest_concur._backends.base",
     "Watch": "pytest_concur._backends.base",
     "pack_jobs": "pytest_concur._backends.jobs",

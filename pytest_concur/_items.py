@@ -20,10 +20,9 @@ from typing import Any
 import pytest
 
 from pytest_concur import _marker, _registry
-from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, item_began
+from pytest_concur._state import BACKEND_NAME, CURRENT_ITEM, RUNNER, item_began
 from pytest_concur._state import parametrized_backend as _backend_name
 
-_RUNNER = pytest.StashKey[Any]()
 # Functions whose backend marker was rejected, by nodeid: the message their items fail with.
 MARKER_ERRORS = pytest.StashKey[dict[str, str]]()
 
@@ -56,6 +55,13 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         from pytest_concur._explore import prepare
 
         prepare(item)  # before the fixtures make the item's loop
+    if name is not None:
+        backend = item.config.stash[_registry.REGISTRY][name]
+        if getattr(backend, "runs_fixtures", False):
+            from pytest_concur._async_fixtures import start_fixture_runner
+
+            # Its runner runs the item's async fixtures, then its body.
+            item.stash[RUNNER] = start_fixture_runner(backend, item)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -82,7 +88,9 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         )
 
     call = make_call()
-    runner = pyfuncitem.stash[_RUNNER] = backend.start(pyfuncitem)
+    runner = pyfuncitem.stash.get(RUNNER, None)
+    if runner is None:
+        runner = pyfuncitem.stash[RUNNER] = backend.start(pyfuncitem)
     if "pytest_concur._explore" in sys.modules:
         from pytest_concur._explore import exploring, run
 
@@ -135,10 +143,10 @@ def _run_on_item_loop(item: pytest.Item, coro: Coroutine[Any, Any, Any]) -> Any:
 
 
 def _close(item: pytest.Item) -> None:
-    runner = item.stash.get(_RUNNER, None)
+    runner = item.stash.get(RUNNER, None)
     try:
         if runner is not None:
-            del item.stash[_RUNNER]
+            del item.stash[RUNNER]
             runner.close()
     finally:
         # No module, no loop: a session of sync bodies need not import asyncio to say so.

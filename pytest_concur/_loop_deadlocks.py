@@ -280,7 +280,10 @@ def _await_point(task: asyncio.Task[Any]) -> tuple[str, str]:
 
 def note_body_task() -> Callable[[], None]:
     """Mark the running task as the test body's; returns the function that unmarks it."""
-    loop = asyncio.get_running_loop()
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # another event loop's (a third-party backend's: trio, say)
+        return lambda: None
     if not isinstance(loop, WatchedLoop):
         return lambda: None
     loop.body_task = asyncio.current_task()

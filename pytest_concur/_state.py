@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -13,6 +13,8 @@ if TYPE_CHECKING:
 CURRENT_ITEM = pytest.StashKey["pytest.Item | None"]()
 # Items that run under a backend, stashed with their backend's name at setup.
 BACKEND_NAME = pytest.StashKey[str]()
+# The runner of the item's backend, from the backend's start to the end of its teardown.
+RUNNER = pytest.StashKey[Any]()
 # Verdicts on what a body left running, put off until the item's teardown is over (see
 # ``_checks._leak.later_for``): run, in order, once every fixture torn down with the item
 # is finalized.

@@ -8,6 +8,7 @@ folder on ``sys.path`` for its ``conftest.py`` (rootdir-relative "prepend" impor
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -54,3 +55,29 @@ def runner(*first: str, timeout: float = TIMEOUT) -> Callable[..., pytest.RunRes
         return run_fresh(pytester, *first, *args, timeout=timeout)
 
     return run
+
+
+DOCS = Path(__file__).parent.parent / "docs"
+
+
+def docs_example(page: str, after: str) -> str:
+    """The first Python code block of ``docs/<page>`` after the line ``after``: tests run
+    the documented examples themselves, so that the docs show what is tested."""
+    text = (DOCS / page).read_text(encoding="utf-8")
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start : text.index("```\n", start)]
+
+
+def anyio_on_asyncio(pytester: pytest.Pytester) -> None:
+    """Run the inner session's anyio tests on asyncio alone, as where trio is not installed
+    (where it is, anyio parametrizes every test with it too), so that what a test counts is
+    the same in every environment."""
+    pytester.makeconftest(
+        """
+        import pytest
+
+        @pytest.fixture(scope="module", params=["asyncio"])
+        def anyio_backend(request):
+            return request.param
+        """
+    )

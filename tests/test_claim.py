@@ -6,7 +6,7 @@ import re
 from collections.abc import Callable
 
 import pytest
-from _helpers import BACKENDS
+from _helpers import BACKENDS, anyio_on_asyncio
 
 pytest.importorskip("pytest_asyncio")
 pytest.importorskip("anyio")
@@ -174,8 +174,14 @@ SUITES = {
 
 @pytest.fixture
 def with_async_plugins(monkeypatch: pytest.MonkeyPatch, pytester: pytest.Pytester) -> None:
-    """Let pytest-asyncio into the inner runs (tests/conftest.py keeps it out)."""
+    """Let pytest-asyncio into the inner runs (tests/conftest.py keeps it out), and run
+    anyio's tests on asyncio alone, as where trio is not installed.
+
+    The claim leaves anyio's trio items to anyio by design (tested on their own below), and
+    the suites here count the rest.
+    """
     monkeypatch.delenv("PYTEST_ADDOPTS")
+    anyio_on_asyncio(pytester)
 
 
 def _without_backend(nodeid: str, backend: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from _helpers import anyio_on_asyncio
 
 
 def test_marker_makes_one_item_per_backend(pytester: pytest.Pytester) -> None:
@@ -226,6 +227,7 @@ def test_ini_parametrizes_and_option_overrides_it(pytester: pytest.Pytester) -> 
 
 def test_option_leaves_anyio_tests_to_anyio(pytester: pytest.Pytester) -> None:
     pytest.importorskip("anyio")
+    anyio_on_asyncio(pytester)
     pytester.makepyfile(
         """
         import pytest
@@ -298,6 +300,7 @@ def test_marker_of_a_plugin_that_is_not_loaded_claims_nothing(pytester: pytest.P
 
 def test_marker_and_another_async_plugin_on_one_test_is_an_error(pytester: pytest.Pytester) -> None:
     pytest.importorskip("anyio")
+    anyio_on_asyncio(pytester)
     pytester.makepyfile(
         """
         import pytest

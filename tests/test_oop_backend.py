@@ -10,22 +10,12 @@ of docs/plugins.md, spawns a new ``python`` per copy (every supported Python);
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
-
-DOCS = Path(__file__).parent.parent / "docs" / "plugins.md"
-
-
-def _docs_example(after: str) -> str:
-    """The first Python code block of docs/plugins.md after the line ``after``."""
-    text = DOCS.read_text(encoding="utf-8")
-    start = text.index("```python\n", text.index(after)) + len("```python\n")
-    return text[start : text.index("```\n", start)]
-
+from _helpers import docs_example
 
 # The documented example itself, so that the docs show what is tested.
-FRESH_PYTHON = _docs_example("A backend that starts a fresh `python` for each copy:")
+FRESH_PYTHON = docs_example("plugins.md", "A backend that starts a fresh `python` for each copy:")
 
 SUBINTERPRETER = """
 import threading

@@ -202,6 +202,7 @@ def test_public_api_is_what_all_says() -> None:
         "Check",
         "Concur",
         "DeadlockError",
+        "FixtureRunner",
         "HangError",
         "PotentialDeadlockWarning",
         "Runner",

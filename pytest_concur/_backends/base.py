@@ -14,13 +14,30 @@ A backend is a concurrency model a test body can run under. Its lifecycle for on
 
 A backend object itself is shared by all items of the session and should keep per-item
 state in its runners.
+
+A backend with an event loop of its own (trio, say) may also run the item's ``async def``
+fixtures, so that they and the body share that loop. It says so with a true class
+attribute ``runs_fixtures``, and its runners implement :class:`FixtureRunner` as well. Then
+the lifecycle changes in one place: **start** comes at the beginning of the item's setup,
+before its first fixture, and the same runner runs its function-scoped async fixtures, then
+its body. An async fixture of a wider scope gets a runner of its own from
+:meth:`Backend.start` (given the first item that asks for it), closed when the fixture is
+torn down. Sync fixtures run in pytest's thread, as always.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterator,
+    Mapping,
+    Sequence,
+)
 from typing import Any, Protocol, final, runtime_checkable
 
 import pytest
@@ -42,12 +59,45 @@ class Runner(Protocol):
 
 
 @runtime_checkable
+class FixtureRunner(Protocol):
+    """A :class:`Runner` that also runs async fixtures: of a backend with ``runs_fixtures``.
+
+    Both methods are called from pytest's thread, during setup, with the fixture function
+    (bound, for a fixture of a test class) and the values of the fixtures and parameters it
+    takes. An exception they raise is the fixture's error, as pytest reports it.
+    """
+
+    def run(self, call: BodyCall) -> None:
+        """Run the test body, as :meth:`Runner.run`."""
+
+    def close(self) -> None:
+        """Release what this runner holds, as :meth:`Runner.close`."""
+
+    def run_fixture(
+        self, function: Callable[..., Awaitable[Any]], kwargs: Mapping[str, Any]
+    ) -> Any:
+        """Await an ``async def`` fixture to completion; return its value."""
+
+    def run_asyncgen_fixture(
+        self, function: Callable[..., AsyncIterator[Any]], kwargs: Mapping[str, Any]
+    ) -> Iterator[Any]:
+        """Run an async generator fixture as a generator: yield its one value; on resumption,
+        finish it (its teardown).
+
+        Keep its setup and its teardown in one task, if the loop needs that (a trio nursery
+        or cancel scope opened before the ``yield`` is closed after it).
+        """
+
+
+@runtime_checkable
 class Backend(Protocol):
     """A concurrency model that test bodies can be run under.
 
     ``name`` is what users write in ``@pytest.mark.backend(...)`` and ``--concur-backends``
     and what appears in test ids (``test_x[name]``); it must be a valid Python identifier.
-    ``description`` is one line shown in ``pytest --markers``.
+    ``description`` is one line shown in ``pytest --markers``. An optional class attribute
+    ``runs_fixtures = True`` asks for the item's async fixtures too (see
+    :class:`FixtureRunner`).
     """
 
     name: str
