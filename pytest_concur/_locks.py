@@ -832,6 +832,9 @@ _UNTRACKED_MAKERS = (
     os.path.join("", "execnet", ""),
     "pytest_timeout.py",
     os.path.join("", "coverage", ""),
+    # The thread backend's body thread (its start and join, in pytest's thread): nothing of
+    # the test waits on its internal Event, and every item pays for tracking it.
+    os.path.join("pytest_concur", "_backends", "thread.py"),
 )
 
 
@@ -840,6 +843,8 @@ def _untracked_maker(frame: FrameType | None) -> bool:
         if frame.f_code.co_name in _THREADING_OWN:
             return True
         frame = frame.f_back  # a Condition or Event made by someone else
+    while frame is not None and frame.f_code.co_filename.endswith(_LOGGING):
+        frame = frame.f_back  # a handler's lock: whoever made the handler (pytest, per test)
     if frame is None:
         return False
     filename = frame.f_code.co_filename
@@ -850,6 +855,7 @@ def _untracked_maker(frame: FrameType | None) -> bool:
 
 
 _UNTRACKED_FILES: dict[str, bool] = {}
+_LOGGING = os.path.join("logging", "__init__.py")
 # threading's own locks, made again in a forked child (_active_limbo_lock): plain, as the
 # ones the parent made at import are.
 _THREADING_OWN = frozenset({"_after_fork", "<module>"})

@@ -492,3 +492,57 @@ def test_a_session_without_backend_items_stops_tracking_after_collection(
     pytester.makepyfile(LOCK_KINDS.format(plain_lock=plain_lock) + extra)
     result = pytester.runpytest_subprocess(*NO_RANDOMLY, timeout=120)
     result.assert_outcomes(passed=2 if extra else 1)
+
+
+def test_the_plugins_own_bookkeeping_makes_no_tracked_lock(pytester: pytest.Pytester) -> None:
+    # The checks' recordings, the body's thread and its Event, pytest's log handlers: made
+    # after the factories were replaced, they must still be real locks, or reports would
+    # count them as the test's (and every item would pay for tracking them).
+    pytester.makeconftest(
+        """
+        import os
+        import sys
+        import pytest
+        import pytest_concur
+        from pytest_concur._locks import TrackedLock
+
+        PACKAGE = os.path.dirname(pytest_concur.__file__)
+        MADE = []
+        _init = TrackedLock.__init__
+
+        def init(self, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.endswith(
+                ("threading.py", os.path.join("logging", "__init__.py"), "_locks.py")
+            ):
+                frame = frame.f_back
+            if frame is not None:
+                MADE.append(f"{frame.f_code.co_filename}:{frame.f_lineno}")
+            _init(self, *args, **kwargs)
+
+        TrackedLock.__init__ = init
+
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_protocol(item):
+            MADE.clear()
+            try:
+                return (yield)
+            finally:
+                ours = [site for site in MADE if site.startswith(PACKAGE)]
+                print(f"made by pytest-concur for {item.name}: {ours}")
+        """
+    )
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.backend("thread", "asyncio")
+        @pytest.mark.parametrize("n", range(2))
+        def test_makes_no_lock(n):
+            pass
+        """
+    )
+    result = run(pytester, "-s")
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*made by pytest-concur for test_makes_no_lock*: [[][]]"] * 4)
+    result.stdout.no_fnmatch_line("*made by pytest-concur for *: [[]'*")

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from pytest_concur import _patches
+from pytest_concur import _patches, _primitives
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
 from pytest_concur._checks._blocked_sites import describe_callable
 from pytest_concur._checks._where import (
@@ -45,9 +45,9 @@ from pytest_concur._checks._where import (
 )
 
 NAME = "callbacks"
-# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
-# tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
+# whole session (see _locks), this module being imported after it was installed.
+_real_lock = _primitives.allocate_lock
 _SCHEDULERS = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
 
 

@@ -66,12 +66,12 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
-import threading
 from collections.abc import Generator
 from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
+from pytest_concur import _primitives
 from pytest_concur._state import CURRENT_ITEM, LATER, UNWATCHED_MODULES, backend_of
 
 if TYPE_CHECKING:
@@ -80,9 +80,9 @@ if TYPE_CHECKING:
 
 CHECK_ALL_OPTION = "--concur-check-all"
 CHECK_ALL_INI = "concur_check_all_tests"
-# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
-# tracked one during bodies, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
+# whole session (see _locks), this module being imported after it was installed.
+_real_lock = _primitives.allocate_lock
 
 _STATE = pytest.StashKey["_Session"]()
 

@@ -29,14 +29,13 @@ import os
 import shlex
 import sys
 import tempfile
-import threading
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _patches
+from pytest_concur import _patches, _primitives
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
 
@@ -45,9 +44,9 @@ if TYPE_CHECKING:
     from multiprocessing.process import BaseProcess
 
 NAME = "processes"
-# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
-# tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
+# whole session (see _locks), this module being imported after it was installed.
+_real_lock = _primitives.allocate_lock
 # How long a leaked child gets between SIGTERM and SIGKILL.
 _TERMINATE_GRACE = 1.0
 # Targets of pool workers: the pool is reported, not each of its workers.

@@ -34,7 +34,7 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_concur import _patches
+from pytest_concur import _patches, _primitives
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, format_exception, from_origin, here, plural, settle
 
@@ -43,9 +43,9 @@ if TYPE_CHECKING:
     from types import FrameType
 
 NAME = "tasks"
-# Taken at import, before any check runs: the deadlock check swaps threading.Lock for a
-# tracked one during the body, and our own bookkeeping must not be tracked.
-_real_lock = threading.Lock
+# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
+# whole session (see _locks), this module being imported after it was installed.
+_real_lock = _primitives.allocate_lock
 # CPython looks this function up in the warnings module when a coroutine is destroyed
 # unawaited (Python/_warnings.c, _PyErr_WarnUnawaitedCoroutine).
 _UNAWAITED_HOOK = "_warn_unawaited_coroutine"
