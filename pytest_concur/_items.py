@@ -49,19 +49,18 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         message = errors.get(f"{item.parent.nodeid}::{item.originalname}" if item.parent else "")
         if message is not None:
             pytest.fail(message, pytrace=False)
-    if name is not None and (
-        _marker.explore(item) or item.config.getoption("concur_replay") is not None
-    ):
+    if name is None:
+        return
+    if _marker.explore(item) or item.config.getoption("concur_replay") is not None:
         from pytest_concur._explore import prepare
 
         prepare(item)  # before the fixtures make the item's loop
-    if name is not None:
-        backend = item.config.stash[_registry.REGISTRY][name]
-        if getattr(backend, "runs_fixtures", False):
-            from pytest_concur._async_fixtures import start_fixture_runner
+    backend = item.config.stash[_registry.REGISTRY][name]
+    if getattr(backend, "runs_fixtures", False):
+        from pytest_concur._async_fixtures import start_fixture_runner
 
-            # Its runner runs the item's async fixtures, then its body.
-            item.stash[RUNNER] = start_fixture_runner(backend, item)
+        # Its runner runs the item's async fixtures, then its body.
+        item.stash[RUNNER] = start_fixture_runner(backend, item)
 
 
 @pytest.hookimpl(tryfirst=True)

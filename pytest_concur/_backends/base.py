@@ -59,19 +59,13 @@ class Runner(Protocol):
 
 
 @runtime_checkable
-class FixtureRunner(Protocol):
+class FixtureRunner(Runner, Protocol):
     """A :class:`Runner` that also runs async fixtures: of a backend with ``runs_fixtures``.
 
     Both methods are called from pytest's thread, during setup, with the fixture function
     (bound, for a fixture of a test class) and the values of the fixtures and parameters it
     takes. An exception they raise is the fixture's error, as pytest reports it.
     """
-
-    def run(self, call: BodyCall) -> None:
-        """Run the test body, as :meth:`Runner.run`."""
-
-    def close(self) -> None:
-        """Release what this runner holds, as :meth:`Runner.close`."""
 
     def run_fixture(
         self, function: Callable[..., Awaitable[Any]], kwargs: Mapping[str, Any]

@@ -32,7 +32,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from pytest_concur import _patches, _primitives
+from pytest_concur import _patches
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
 from pytest_concur._checks._blocked_sites import describe_callable
 from pytest_concur._checks._where import (
@@ -43,11 +43,9 @@ from pytest_concur._checks._where import (
     here,
     plural,
 )
+from pytest_concur._primitives import allocate_lock as _real_lock
 
 NAME = "callbacks"
-# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
-# whole session (see _locks), this module being imported after it was installed.
-_real_lock = _primitives.allocate_lock
 _SCHEDULERS = ("call_soon", "call_soon_threadsafe", "call_later", "call_at")
 
 

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _primitives
+from pytest_concur._primitives import allocate_lock as _real_lock
 from pytest_concur._state import CURRENT_ITEM, LATER, UNWATCHED_MODULES, backend_of
 
 if TYPE_CHECKING:
@@ -80,9 +80,6 @@ if TYPE_CHECKING:
 
 CHECK_ALL_OPTION = "--concur-check-all"
 CHECK_ALL_INI = "concur_check_all_tests"
-# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
-# whole session (see _locks), this module being imported after it was installed.
-_real_lock = _primitives.allocate_lock
 
 _STATE = pytest.StashKey["_Session"]()
 

@@ -33,14 +33,12 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, final
 
-from pytest_concur import _patches, _primitives
+from pytest_concur import _patches
 from pytest_concur._checks._background import BackgroundCheck, BackgroundWatch
 from pytest_concur._checks._where import Site, format_exception, here, plural
+from pytest_concur._primitives import allocate_lock as _real_lock
 
 NAME = "futures"
-# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
-# whole session (see _locks), this module being imported after it was installed.
-_real_lock = _primitives.allocate_lock
 _BASE = os.path.join("concurrent", "futures", "_base.py")
 # Frames between Future.__init__ and Executor.map: our wrapper, submit, map's comprehension.
 _MAP_DEPTH = 6

@@ -35,18 +35,16 @@ from typing import TYPE_CHECKING, Any, final
 
 import pytest
 
-from pytest_concur import _patches, _primitives
+from pytest_concur import _patches
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, callable_name, here, plural, settle
+from pytest_concur._primitives import allocate_lock as _real_lock
 
 if TYPE_CHECKING:
     import subprocess
     from multiprocessing.process import BaseProcess
 
 NAME = "processes"
-# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
-# whole session (see _locks), this module being imported after it was installed.
-_real_lock = _primitives.allocate_lock
 # How long a leaked child gets between SIGTERM and SIGKILL.
 _TERMINATE_GRACE = 1.0
 # Targets of pool workers: the pool is reported, not each of its workers.

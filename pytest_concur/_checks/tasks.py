@@ -34,18 +34,16 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, final
 
-from pytest_concur import _patches, _primitives
+from pytest_concur import _patches
 from pytest_concur._checks._leak import TEST, LeakCheck, LeakWatch, Owner, Recording
 from pytest_concur._checks._where import Site, format_exception, from_origin, here, plural, settle
+from pytest_concur._primitives import allocate_lock as _real_lock
 
 if TYPE_CHECKING:
     import asyncio
     from types import FrameType
 
 NAME = "tasks"
-# Our own bookkeeping must not be tracked: threading.Lock is the tracked factory for the
-# whole session (see _locks), this module being imported after it was installed.
-_real_lock = _primitives.allocate_lock
 # CPython looks this function up in the warnings module when a coroutine is destroyed
 # unawaited (Python/_warnings.c, _PyErr_WarnUnawaitedCoroutine).
 _UNAWAITED_HOOK = "_warn_unawaited_coroutine"
